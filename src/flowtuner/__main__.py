@@ -1,0 +1,3 @@
+from flowtuner.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,39 @@
+"""The `flowtuner` command: one small module per subcommand. User errors become one line, exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from flowtuner import __version__
+from flowtuner.errors import FlowtunerError
+
+# subcommand -> module under flowtuner.cli with `register(subparsers)` and `run(args)`
+COMMANDS = ("generate",)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import importlib
+
+    parser = argparse.ArgumentParser(prog="flowtuner", description="Fine-tune and run flow-matching image models.")
+    parser.add_argument("--version", action="version", version=f"flowtuner {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMANDS:
+        importlib.import_module(f"flowtuner.cli.{name}").register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s: %(message)s")
+    try:
+        return args.handler(args) or 0
+    except FlowtunerError as exc:
+        print(f"flowtuner {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"flowtuner {args.command}: interrupted", file=sys.stderr)
+        return 130

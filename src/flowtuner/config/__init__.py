@@ -1,0 +1,1 @@
+"""Typed configs: dataclasses whose fields carry the help text; CLI flags come from them."""

@@ -1,0 +1,31 @@
+"""`flowtuner generate` options. Names follow musubi-tuner's qwen_image_generate_image.py."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flowtuner.config.fields import opt
+
+
+@dataclass
+class GenerateConfig:
+    dit: str | None = opt(help="DiT weights: .safetensors file (bare or model.diffusion_model. keys, bf16 / fp8 / fp8_scaled) or diffusers transformer/ folder")
+    vae: str | None = opt(help="VAE weights: diffusers or original Wan-2.1 layout, file or folder")
+    text_encoder: str | None = opt(help="Qwen2.5-VL weights: ComfyUI qwen_2.5_vl_7b.safetensors or a Hugging Face folder")
+    tokenizer: str | None = opt(help="tokenizer folder (vocab.json + merges.txt); by default searched near the model files, the HF cache and the ComfyUI install")
+    model: str | None = opt(help="Hugging Face repo root with transformer/, vae/, text_encoder/, tokenizer/; fills every slot not given")
+    comfyui_dir: str | None = opt(help="ComfyUI install: bare file names resolve in models/diffusion_models, models/text_encoders, models/vae (default: $COMFYUI_PATH)")
+    prompt: str | None = opt(help="the prompt")
+    negative_prompt: str | None = opt(help="negative prompt; default ' ' when guidance_scale > 1")
+    image_size: list[int] = opt([1024, 1024], "image size as HEIGHT WIDTH (musubi-tuner order), multiples of 16", nargs=2, metavar=("H", "W"))
+    infer_steps: int = opt(25, "number of sampling steps")
+    guidance_scale: float = opt(4.0, "true-CFG scale with norm rescale; <= 1 skips the unconditional pass")
+    flow_shift: float | None = opt(help="fixed SD3-style shift; default: the dynamic shift from the image size")
+    seed: int | None = opt(help="random seed (default: random); image i of --num_images uses seed + i")
+    save_path: str = opt("outputs", "output folder")
+    output_type: str = opt("images", "what to save", choices=("images", "latent", "latent_images"))
+    attn_mode: str = opt("torch", "attention backend", choices=("torch", "sdpa", "flash", "sage", "sageattn", "xformers"))
+    device: str | None = opt(help="device, e.g. cuda, cuda:1, cpu (default: cuda when available)")
+    text_encoder_cpu: bool = opt(False, "run the text encoder on the CPU")
+    from_file: str | None = opt(help="file with one prompt per line and inline options --w --h --d --s --g/--l --n --fs")
+    num_images: int = opt(1, "images per prompt")

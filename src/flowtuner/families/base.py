@@ -1,0 +1,104 @@
+"""What a model family offers the shared code (generation now; caching and training later).
+
+A family is a thin adapter: it loads its components and exposes
+  - a text encoder:  encode(prompts) -> one Conditioning per prompt,
+  - a denoiser:      noise(...), predict(x, sigma, cond) -> velocity, in the family's own latent layout,
+  - a VAE:           decode(latents) -> images in [0, 1].
+Shared code (flow/, guidance/, the generate runner) sees only these, never a model name.
+
+Flow convention everywhere: x_t = (1 - sigma) x0 + sigma eps, sigma = 1 is pure noise, the model
+predicts v = eps - x0, x0 = x_t - sigma v. A family converts sigma to its model's timestep input in
+exactly one place (its denoiser's `predict`).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+@dataclass
+class ModelPaths:
+    """Resolved component locations (files or folders). None = not given / not found."""
+
+    dit: Path | None = None
+    vae: Path | None = None
+    text_encoder: Path | None = None
+    tokenizer: Path | None = None
+    comfyui_dir: Path | None = None
+    model_root: Path | None = None
+
+
+@dataclass
+class Conditioning:
+    """Text conditioning for one or more prompts: embeds [B, L, D], mask [B, L] (None = all valid).
+    `extra` holds family-specific inputs (reference latents for edit models, pooled vectors for SDXL)."""
+
+    embeds: torch.Tensor
+    mask: torch.Tensor | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LatentGeometry:
+    """Where the latents of one image of `height` x `width` pixels live."""
+
+    height: int
+    width: int
+    state_shape: tuple[int, ...]  # the sampler's tensor for one image (family layout)
+    image_tokens: int  # sequence length the model sees (drives dynamic shift)
+
+
+class TextEncoder(ABC):
+    @abstractmethod
+    def encode(self, prompts: list[str]) -> list[Conditioning]: ...
+
+
+class Denoiser(ABC):
+    #: axis of the sampler state along which a per-location feature vector lies (CFG norm rescale)
+    feature_dim: int = -1
+
+    @abstractmethod
+    def geometry(self, height: int, width: int) -> LatentGeometry: ...
+
+    @abstractmethod
+    def noise(self, geometry: LatentGeometry, seed: int) -> torch.Tensor: ...
+
+    @abstractmethod
+    def predict(self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning, geometry: LatentGeometry) -> torch.Tensor: ...
+
+    @abstractmethod
+    def to_latents(self, x: torch.Tensor, geometry: LatentGeometry) -> torch.Tensor:
+        """Sampler state -> the VAE's latent layout (normalised)."""
+
+
+class ImageCodec(ABC):
+    @abstractmethod
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalised latents -> images [B, 3, H, W] in [0, 1], float32 on the CPU."""
+
+
+class Family(ABC):
+    name: str
+    #: pixel multiple that image sizes must respect
+    size_step: int
+
+    @abstractmethod
+    def resolve_paths(self, **given: Any) -> ModelPaths: ...
+
+    @abstractmethod
+    def load_text_encoder(self, paths: ModelPaths, device: torch.device) -> TextEncoder: ...
+
+    @abstractmethod
+    def load_denoiser(self, paths: ModelPaths, device: torch.device, attn_mode: str = "torch") -> Denoiser: ...
+
+    @abstractmethod
+    def load_codec(self, paths: ModelPaths, device: torch.device) -> ImageCodec: ...
+
+    @abstractmethod
+    def default_sigmas(self, steps: int, geometry: LatentGeometry, flow_shift: float | None) -> torch.Tensor:
+        """The family's reference schedule (steps + 1 values, ending in 0)."""

@@ -1,0 +1,134 @@
+"""The Qwen-Image adapter: loaders plus the denoiser that owns packing and the sigma -> DiT input."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+from flowtuner.errors import FlowtunerError
+from flowtuner.families.base import Conditioning, Denoiser, Family, LatentGeometry, ModelPaths
+from flowtuner.families.paths import require, resolve_paths
+from flowtuner.families.qwen_image.dit import DiTInfo, load_dit
+from flowtuner.families.qwen_image.text_encoder import QwenTextEncoder, load_text_model
+from flowtuner.families.qwen_image.tokenizer import load_tokenizer
+from flowtuner.families.qwen_image.vae import QwenImageCodec, load_vae
+from flowtuner.flow.schedules import reference_sigmas
+
+LATENT_CHANNELS = 16
+VAE_FACTOR = 8
+PATCH = 2
+
+# --attn_mode -> (diffusers attention backend, the package it needs)
+ATTN_BACKENDS: dict[str, tuple[str, str | None]] = {
+    "torch": ("native", None), "sdpa": ("native", None),
+    "flash": ("flash", "flash_attn"), "sage": ("sage", "sageattention"), "sageattn": ("sage", "sageattention"),
+    "xformers": ("xformers", "xformers"),
+}
+
+
+def pack(latents: torch.Tensor) -> torch.Tensor:
+    """[B, C, 1, h, w] -> [B, (h/2)(w/2), C*4]; feature index c*4 + dy*2 + dx."""
+    b, c, _, h, w = latents.shape
+    x = latents.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Inverse of `pack` for latent height h and width w."""
+    b, _, f = tokens.shape
+    x = tokens.reshape(b, h // 2, w // 2, f // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, f // 4, 1, h, w)
+
+
+def collate(conds: list[Conditioning]) -> Conditioning:
+    """Stack per-prompt conditionings; pad with zeros and mask only when lengths differ."""
+    if len(conds) == 1:
+        return conds[0]
+    lengths = [c.embeds.shape[1] for c in conds]
+    width = max(lengths)
+    embeds = torch.cat([torch.nn.functional.pad(c.embeds, (0, 0, 0, width - c.embeds.shape[1])) for c in conds])
+    if min(lengths) == width:
+        return Conditioning(embeds)
+    mask = torch.stack([torch.arange(width) < n for n in lengths]).long()
+    return Conditioning(embeds, mask)
+
+
+class QwenImageDenoiser(Denoiser):
+    feature_dim = -1  # packed tokens: the 64 features of one 2x2 latent patch
+
+    def __init__(self, dit, info: DiTInfo | None = None):
+        self.dit = dit
+        self.info = info
+        param = next(dit.parameters())
+        self.dtype, self.device = param.dtype, param.device
+
+    def geometry(self, height: int, width: int) -> LatentGeometry:
+        h, w = height // VAE_FACTOR, width // VAE_FACTOR
+        tokens = (h // PATCH) * (w // PATCH)
+        return LatentGeometry(height, width, (1, tokens, LATENT_CHANNELS * PATCH * PATCH), tokens)
+
+    def noise(self, geometry: LatentGeometry, seed: int) -> torch.Tensor:
+        """Drawn as diffusers' QwenImagePipeline draws it for `Generator("cpu").manual_seed(seed)`:
+        shape [1, 1, 16, h, w] in the model dtype on the CPU, then packed."""
+        h, w = geometry.height // VAE_FACTOR, geometry.width // VAE_FACTOR
+        gen = torch.Generator("cpu").manual_seed(seed)
+        eps = torch.randn((1, 1, LATENT_CHANNELS, h, w), generator=gen, dtype=self.dtype)
+        return pack(eps.reshape(1, LATENT_CHANNELS, 1, h, w)).to(torch.float32)
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning, geometry: LatentGeometry) -> torch.Tensor:
+        b = x.shape[0]
+        grid = (1, geometry.height // VAE_FACTOR // PATCH, geometry.width // VAE_FACTOR // PATCH)
+        # The DiT takes sigma in [0, 1] and scales by 1000 inside its timestep embedding: sigma is
+        # passed as is, in float32 (diffusers rounds sigma*1000 to the latent dtype first).
+        timestep = torch.as_tensor(sigma, dtype=torch.float32, device=self.device).reshape(-1).expand(b)
+        mask = cond.mask.to(self.device) if cond.mask is not None else None
+        v = self.dit(
+            hidden_states=x.to(self.device, self.dtype),
+            encoder_hidden_states=cond.embeds.to(self.device, self.dtype).expand(b, -1, -1),
+            encoder_hidden_states_mask=mask,
+            timestep=timestep,
+            img_shapes=[[grid]] * b,
+            return_dict=False,
+        )[0]
+        return v.to(torch.float32)
+
+    def to_latents(self, x: torch.Tensor, geometry: LatentGeometry) -> torch.Tensor:
+        return unpack(x, geometry.height // VAE_FACTOR, geometry.width // VAE_FACTOR)
+
+
+def set_attention(dit, attn_mode: str) -> None:
+    if attn_mode not in ATTN_BACKENDS:
+        raise FlowtunerError(f"--attn_mode {attn_mode}: unknown; choose one of {', '.join(ATTN_BACKENDS)}.")
+    backend, package = ATTN_BACKENDS[attn_mode]
+    if package and importlib.util.find_spec(package) is None:
+        raise FlowtunerError(f"--attn_mode {attn_mode} needs the '{package}' package, which is not installed (pip install {package}).")
+    if backend != "native":
+        dit.set_attention_backend(backend)
+
+
+class QwenImageFamily(Family):
+    name = "qwen_image"
+    size_step = VAE_FACTOR * PATCH
+
+    def resolve_paths(self, **given) -> ModelPaths:
+        return resolve_paths(**given)
+
+    def load_text_encoder(self, paths: ModelPaths, device: torch.device) -> QwenTextEncoder:
+        te_path = require(paths, "text_encoder")
+        near = [p for p in (te_path, paths.model_root, paths.dit) if p is not None]
+        tokenizer = load_tokenizer(paths.tokenizer, [Path(p) for p in near], paths.comfyui_dir)
+        return QwenTextEncoder(load_text_model(te_path, device), tokenizer)
+
+    def load_denoiser(self, paths: ModelPaths, device: torch.device, attn_mode: str = "torch") -> QwenImageDenoiser:
+        dit, info = load_dit(require(paths, "dit"), device)
+        set_attention(dit, attn_mode)
+        return QwenImageDenoiser(dit, info)
+
+    def load_codec(self, paths: ModelPaths, device: torch.device) -> QwenImageCodec:
+        return QwenImageCodec(load_vae(require(paths, "vae"), device))
+
+    def default_sigmas(self, steps: int, geometry: LatentGeometry, flow_shift: float | None) -> torch.Tensor:
+        return reference_sigmas(steps, geometry.image_tokens, flow_shift)

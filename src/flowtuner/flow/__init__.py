@@ -1,0 +1,1 @@
+"""Flow-matching math, model-agnostic and pure: conventions, sigma schedules, samplers."""

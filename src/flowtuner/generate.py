@@ -1,0 +1,141 @@
+"""Text-to-image generation: encode every distinct prompt once, then sample, then decode. Components
+are loaded one after the other and freed, so the text encoder, DiT and VAE are never co-resident."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from flowtuner import __version__
+from flowtuner.config.generate import GenerateConfig
+from flowtuner.config.prompt_lines import read_prompt_file
+from flowtuner.errors import ConfigError
+from flowtuner.families import get_family
+from flowtuner.families.base import Conditioning, Family, ModelPaths
+from flowtuner.flow.samplers import SAMPLERS
+from flowtuner.guidance import guided_model
+from flowtuner.outputs import save_latent, save_png
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Job:
+    """One prompt's settings; `num_images` images with seeds seed, seed + 1, ..."""
+
+    prompt: str
+    negative_prompt: str | None
+    height: int
+    width: int
+    steps: int
+    guidance_scale: float
+    flow_shift: float | None
+    seed: int
+    num_images: int = 1
+    sampler: str = "euler"
+
+
+def check_size(height: int, width: int, step: int, flag: str = "--image_size") -> None:
+    bad = [v for v in (height, width) if v <= 0 or v % step]
+    if bad:
+        near = [max(step, round(v / step) * step) for v in (height, width)]
+        raise ConfigError(f"{flag} {height} {width}: height and width must be positive multiples of {step}; nearest valid: {near[0]} {near[1]}.")
+
+
+def make_jobs(cfg: GenerateConfig, size_step: int) -> list[Job]:
+    base = dict(height=cfg.image_size[0], width=cfg.image_size[1], steps=cfg.infer_steps,
+                guidance_scale=cfg.guidance_scale, flow_shift=cfg.flow_shift, negative_prompt=cfg.negative_prompt,
+                seed=cfg.seed if cfg.seed is not None else random.randrange(2**31))
+    if cfg.from_file:
+        lines = read_prompt_file(cfg.from_file)
+    elif cfg.prompt is not None:
+        lines = [(cfg.prompt, {})]
+    else:
+        raise ConfigError("no prompt: pass --prompt TEXT or --from_file FILE.")
+    jobs = []
+    for prompt, overrides in lines:
+        job = Job(prompt=prompt, num_images=cfg.num_images, **{**base, **overrides})
+        check_size(job.height, job.width, size_step, "--image_size" if "height" not in overrides else "--h/--w")
+        if job.steps < 1:
+            raise ConfigError(f"steps must be >= 1, got {job.steps}.")
+        if job.guidance_scale > 1 and job.negative_prompt is None:
+            job.negative_prompt = " "  # musubi-tuner crashes without one; the reference uses " "
+        jobs.append(job)
+    return jobs
+
+
+def pick_device(name: str | None) -> torch.device:
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def free(*objs) -> None:
+    del objs
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def encode_prompts(family: Family, paths: ModelPaths, jobs: list[Job], device: torch.device) -> dict[str, Conditioning]:
+    """Every distinct prompt and negative prompt, encoded once."""
+    texts = [j.prompt for j in jobs] + [j.negative_prompt for j in jobs if j.guidance_scale > 1]
+    texts = list(dict.fromkeys(texts))
+    encoder = family.load_text_encoder(paths, device)
+    conds = {}
+    for i in tqdm(range(0, len(texts), 8), desc="encoding prompts", unit="batch", disable=len(texts) <= 8):
+        chunk = texts[i : i + 8]
+        conds.update(zip(chunk, encoder.encode(chunk)))
+    free(encoder)
+    return conds
+
+
+def sample_all(family: Family, paths: ModelPaths, jobs: list[Job], conds: dict[str, Conditioning],
+               device: torch.device, attn_mode: str) -> list[tuple[Job, int, torch.Tensor]]:
+    denoiser = family.load_denoiser(paths, device, attn_mode)
+    results = []
+    bar = tqdm(total=sum(j.steps * j.num_images for j in jobs), desc="sampling", unit="step")
+    for job in jobs:
+        geometry = denoiser.geometry(job.height, job.width)
+        sigmas = family.default_sigmas(job.steps, geometry, job.flow_shift)
+        uncond = conds.get(job.negative_prompt) if job.guidance_scale > 1 else None
+        predict = lambda x, s, c, g=geometry: denoiser.predict(x, s, c, g)  # noqa: E731
+        model = guided_model(predict, conds[job.prompt], uncond, job.guidance_scale, denoiser.feature_dim)
+        for k in range(job.num_images):
+            seed = job.seed + k
+            x = SAMPLERS[job.sampler](model, denoiser.noise(geometry, seed), sigmas, callback=lambda *_: bar.update())
+            results.append((job, seed, denoiser.to_latents(x, geometry).cpu()))
+    bar.close()
+    free(denoiser)
+    return results
+
+
+def params_of(job: Job, seed: int, paths: ModelPaths) -> dict:
+    params = {k: v for k, v in asdict(job).items() if k not in ("num_images",)}
+    params.update(seed=seed, version=__version__, model=Path(paths.dit).name if paths.dit else "")
+    return params
+
+
+def run(cfg: GenerateConfig, family_name: str = "qwen_image") -> list[Path]:
+    family = get_family(family_name)
+    jobs = make_jobs(cfg, family.size_step)
+    paths = family.resolve_paths(dit=cfg.dit, vae=cfg.vae, text_encoder=cfg.text_encoder, tokenizer=cfg.tokenizer,
+                                 model=cfg.model, comfyui_dir=cfg.comfyui_dir)
+    device = pick_device(cfg.device)
+    conds = encode_prompts(family, paths, jobs, torch.device("cpu") if cfg.text_encoder_cpu else device)
+    results = sample_all(family, paths, jobs, conds, device, cfg.attn_mode)
+    out_dir, written = Path(cfg.save_path), []
+    if cfg.output_type in ("latent", "latent_images"):
+        written += [save_latent(lat, out_dir, params_of(job, seed, paths)) for job, seed, lat in results]
+    if cfg.output_type in ("images", "latent_images"):
+        codec = family.load_codec(paths, device)
+        for job, seed, lat in tqdm(results, desc="decoding", unit="image", disable=len(results) < 2):
+            written.append(save_png(codec.decode(lat)[0], out_dir, params_of(job, seed, paths)))
+        free(codec)
+    return written
