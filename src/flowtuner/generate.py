@@ -44,7 +44,7 @@ class Job:
 def check_size(height: int, width: int, step: int, flag: str = "--image_size") -> None:
     bad = [v for v in (height, width) if v <= 0 or v % step]
     if bad:
-        near = [max(step, round(v / step) * step) for v in (height, width)]
+        near = [max(step, int(v / step + 0.5) * step) for v in (height, width)]  # ties round up
         raise ConfigError(f"{flag} {height} {width}: height and width must be positive multiples of {step}; nearest valid: {near[0]} {near[1]}.")
 
 
@@ -127,13 +127,15 @@ def run(cfg: GenerateConfig, family_name: str = "qwen_image") -> list[Path]:
     jobs = make_jobs(cfg, family.size_step)
     paths = family.resolve_paths(dit=cfg.dit, vae=cfg.vae, text_encoder=cfg.text_encoder, tokenizer=cfg.tokenizer,
                                  model=cfg.model, comfyui_dir=cfg.comfyui_dir)
+    decode = cfg.output_type in ("images", "latent_images")
+    family.validate(paths, ("text_encoder", "dit") + (("vae",) if decode else ()))
     device = pick_device(cfg.device)
     conds = encode_prompts(family, paths, jobs, torch.device("cpu") if cfg.text_encoder_cpu else device)
     results = sample_all(family, paths, jobs, conds, device, cfg.attn_mode)
     out_dir, written = Path(cfg.save_path), []
     if cfg.output_type in ("latent", "latent_images"):
         written += [save_latent(lat, out_dir, params_of(job, seed, paths)) for job, seed, lat in results]
-    if cfg.output_type in ("images", "latent_images"):
+    if decode:
         codec = family.load_codec(paths, device)
         for job, seed, lat in tqdm(results, desc="decoding", unit="image", disable=len(results) < 2):
             written.append(save_png(codec.decode(lat)[0], out_dir, params_of(job, seed, paths)))

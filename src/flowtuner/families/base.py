@@ -91,6 +91,10 @@ class Family(ABC):
     def resolve_paths(self, **given: Any) -> ModelPaths: ...
 
     @abstractmethod
+    def validate(self, paths: ModelPaths, slots: tuple[str, ...]) -> None:
+        """Check every file's header for its slot before anything heavy is loaded (fail fast)."""
+
+    @abstractmethod
     def load_text_encoder(self, paths: ModelPaths, device: torch.device) -> TextEncoder: ...
 
     @abstractmethod

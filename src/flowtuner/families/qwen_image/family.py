@@ -10,11 +10,14 @@ import torch
 from flowtuner.errors import FlowtunerError
 from flowtuner.families.base import Conditioning, Denoiser, Family, LatentGeometry, ModelPaths
 from flowtuner.families.paths import require, resolve_paths
-from flowtuner.families.qwen_image.dit import DiTInfo, load_dit
-from flowtuner.families.qwen_image.text_encoder import QwenTextEncoder, load_text_model
+from flowtuner.families.qwen_image.dit import DiTInfo, inspect_dit, load_dit
+from flowtuner.families.qwen_image.text_encoder import QwenTextEncoder, language_model_view, load_text_model
 from flowtuner.families.qwen_image.tokenizer import load_tokenizer
-from flowtuner.families.qwen_image.vae import QwenImageCodec, load_vae
+from flowtuner.families.qwen_image.vae import QwenImageCodec, diffusers_view, load_vae
 from flowtuner.flow.schedules import reference_sigmas
+from flowtuner.weights.reader import open_checkpoint
+
+VALIDATORS = {"dit": inspect_dit, "text_encoder": language_model_view, "vae": diffusers_view}
 
 LATENT_CHANNELS = 16
 VAE_FACTOR = 8
@@ -115,6 +118,10 @@ class QwenImageFamily(Family):
 
     def resolve_paths(self, **given) -> ModelPaths:
         return resolve_paths(**given)
+
+    def validate(self, paths: ModelPaths, slots: tuple[str, ...]) -> None:
+        for slot in slots:
+            VALIDATORS[slot](open_checkpoint(require(paths, slot)))
 
     def load_text_encoder(self, paths: ModelPaths, device: torch.device) -> QwenTextEncoder:
         te_path = require(paths, "text_encoder")

@@ -37,21 +37,32 @@ def candidate_dirs(explicit: Path | None, near: list[Path], comfyui_dir: Path | 
     return out
 
 
-def _from_hub(local_only: bool):
+def _hub_folder(local_only: bool) -> Path:
+    """The tokenizer/ folder of the hub repo, from the local cache or downloaded. Resolved as a folder
+    and checked like any other: transformers' from_pretrained with local_files_only returns an empty
+    one-token tokenizer when the files are missing, instead of failing."""
+    from huggingface_hub import snapshot_download
+
+    root = snapshot_download(HUB_REPO, allow_patterns=[f"{HUB_SUBFOLDER}/*"], local_files_only=local_only)
+    return Path(root) / HUB_SUBFOLDER
+
+
+def _load_dir(folder: Path):
     from transformers import Qwen2Tokenizer
 
-    return Qwen2Tokenizer.from_pretrained(HUB_REPO, subfolder=HUB_SUBFOLDER, local_files_only=local_only)
+    tok = Qwen2Tokenizer.from_pretrained(str(folder))
+    if len(tok) < 1000 or tok.convert_tokens_to_ids("<|im_start|>") in (None, tok.unk_token_id):
+        raise FlowtunerError(f"{folder}: not a Qwen2.5 tokenizer (no <|im_start|> token, {len(tok)} tokens).")
+    return tok
 
 
 def load_tokenizer(explicit: Path | None = None, near: list[Path] | None = None, comfyui_dir: Path | None = None):
-    from transformers import Qwen2Tokenizer
-
     looked: list[str] = []
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
     for label, folder in candidate_dirs(explicit, near or [], comfyui_dir):
         if folder is not None:
             if _is_tokenizer_dir(folder):
-                return Qwen2Tokenizer.from_pretrained(str(folder))
+                return _load_dir(folder)
             looked.append(f"{folder} ({label})")
             if label == "--tokenizer":
                 raise FlowtunerError(f"{folder}: not a tokenizer folder (needs vocab.json + merges.txt or tokenizer.json).")
@@ -60,9 +71,13 @@ def load_tokenizer(explicit: Path | None = None, near: list[Path] | None = None,
             looked.append("download (skipped: HF_HUB_OFFLINE is set)")
             continue
         try:
-            return _from_hub(local_only=(label != "download"))
+            folder = _hub_folder(local_only=(label != "download"))
         except Exception as exc:  # hub errors vary by version; each means "not there"
             looked.append(f"{HUB_REPO}/{HUB_SUBFOLDER} ({label}: {type(exc).__name__})")
+            continue
+        if _is_tokenizer_dir(folder):
+            return _load_dir(folder)
+        looked.append(f"{folder} ({label}: incomplete)")
     raise FlowtunerError(
         "no Qwen2.5 tokenizer found; looked in: " + "; ".join(looked)
         + ". Pass --tokenizer DIR (a folder with vocab.json and merges.txt) or --comfyui_dir."

@@ -24,7 +24,7 @@ DIFFUSERS_PROBE = "decoder.norm_out.gamma"
 WAN_PROBE = "decoder.head.0.gamma"
 
 
-def _diffusers_view(ckpt: Checkpoint) -> dict[str, str]:
+def diffusers_view(ckpt: Checkpoint) -> dict[str, str]:
     """module key -> file key, whatever the file's layout."""
     prefix = find_prefix(ckpt, DIFFUSERS_PROBE, VAE_PREFIXES)
     if prefix is None:
@@ -54,7 +54,7 @@ def infer_config(shapes: dict[str, tuple[int, ...]]) -> dict:
 
 def load_vae(path: str | Path, device: torch.device | str = "cpu") -> AutoencoderKLQwenImage:
     ckpt = open_checkpoint(path)
-    view = _diffusers_view(ckpt)
+    view = diffusers_view(ckpt)
     shapes = {k: ckpt.shape(v) for k, v in view.items()}
     config_file = (ckpt.path if ckpt.path.is_dir() else ckpt.path.parent) / "config.json"
     config = json.loads(config_file.read_text()) if config_file.exists() else None
