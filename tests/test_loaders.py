@@ -118,3 +118,32 @@ def test_missing_attention_package_is_an_error(tiny_models):
         if importlib.util.find_spec(package) is None:
             with pytest.raises(FlowtunerError, match=f"needs the '{package}' package"):
                 set_attention(tiny_models["dit"], mode)
+
+
+def test_text_encoder_hf_folder_in_legacy_layout(tiny_models, tiny_files, tmp_path):
+    """An HF folder whose safetensors use the pre-4.52 key names, with its config.json."""
+    import shutil
+
+    folder = tmp_path / "te_legacy"
+    folder.mkdir()
+    shutil.copy(tiny_files["repo"] / "text_encoder" / "config.json", folder / "config.json")
+    save_file({legacy_te_key(k): v for k, v in state(tiny_models["te"]).items() if legacy_te_key(k)},
+              folder / "model.safetensors")
+    te = load_text_model(folder)
+    ref = tiny_models["te"].model.language_model.state_dict()
+    assert all(torch.equal(v, ref[k]) for k, v in te.state_dict().items())
+
+
+def test_text_encoder_cpu_flag_runs_encoder_on_cpu(tiny_files, tmp_path, monkeypatch):
+    from flowtuner import generate
+    from flowtuner.cli import main
+
+    seen = {}
+    original = generate.encode_prompts
+    monkeypatch.setattr(generate, "encode_prompts",
+                        lambda fam, paths, jobs, device: seen.setdefault("te", device) and original(fam, paths, jobs, device))
+    monkeypatch.setattr(generate, "sample_all", lambda fam, paths, jobs, conds, device, attn: seen.setdefault("dit", device) and [])
+    args = ["generate", "--model", str(tiny_files["repo"]), "--prompt", "x", "--image_size", "32", "32",
+            "--save_path", str(tmp_path), "--output_type", "latent", "--device", "meta"]
+    assert main(args + ["--text_encoder_cpu"]) == 0
+    assert seen == {"te": torch.device("cpu"), "dit": torch.device("meta")}
