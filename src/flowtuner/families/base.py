@@ -81,11 +81,28 @@ class ImageCodec(ABC):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Normalised latents -> images [B, 3, H, W] in [0, 1], float32 on the CPU."""
 
+    @abstractmethod
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images [B, 3, H, W] in [0, 1] -> normalised latents (the family's cache layout)."""
+
 
 class Family(ABC):
     name: str
-    #: pixel multiple that image sizes must respect
+    #: pixel multiple that image sizes must respect (and the bucket step)
     size_step: int
+    #: pixels per latent cell
+    latent_scale: int
+    #: short name in cache file names (musubi-tuner: qi, qie, ...) and the full one in their metadata
+    cache_arch: str
+    architecture: str
+
+    @abstractmethod
+    def cache_size_estimate(self, bucket: tuple[int, int], caption: str) -> tuple[int, int]:
+        """(latent cache bytes, text cache bytes) for one item, before any model is loaded."""
+
+    @abstractmethod
+    def text_recipe(self) -> str:
+        """Identifies how captions become embeddings (template, cut, limits): part of a text cache's provenance."""
 
     @abstractmethod
     def resolve_paths(self, **given: Any) -> ModelPaths: ...

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 from pathlib import Path
 
@@ -11,7 +12,9 @@ from flowtuner.errors import FlowtunerError
 from flowtuner.families.base import Conditioning, Denoiser, Family, LatentGeometry, ModelPaths
 from flowtuner.families.paths import require, resolve_paths
 from flowtuner.families.qwen_image.dit import DiTInfo, inspect_dit, load_dit
-from flowtuner.families.qwen_image.text_encoder import QwenTextEncoder, language_model_view, load_text_model
+from flowtuner.families.qwen_image.text_encoder import (
+    MAX_PROMPT_TOKENS, T2I_TEMPLATE, QwenTextEncoder, language_model_view, load_text_model,
+)
 from flowtuner.families.qwen_image.tokenizer import load_tokenizer
 from flowtuner.families.qwen_image.vae import QwenImageCodec, diffusers_view, load_vae
 from flowtuner.flow.schedules import reference_sigmas
@@ -20,6 +23,7 @@ from flowtuner.weights.reader import open_checkpoint
 VALIDATORS = {"dit": inspect_dit, "text_encoder": language_model_view, "vae": diffusers_view}
 
 LATENT_CHANNELS = 16
+TEXT_WIDTH = 3584  # Qwen2.5-VL-7B hidden size
 VAE_FACTOR = 8
 PATCH = 2
 
@@ -115,6 +119,17 @@ def set_attention(dit, attn_mode: str) -> None:
 class QwenImageFamily(Family):
     name = "qwen_image"
     size_step = VAE_FACTOR * PATCH
+    latent_scale = VAE_FACTOR
+    cache_arch = "qi"
+    architecture = "qwen_image"
+
+    def cache_size_estimate(self, bucket: tuple[int, int], caption: str) -> tuple[int, int]:
+        latent = LATENT_CHANNELS * (bucket[0] // VAE_FACTOR) * (bucket[1] // VAE_FACTOR) * 2
+        tokens = min(MAX_PROMPT_TOKENS, len(caption) // 4 + 1) + 5  # ~4 characters per token, + template suffix
+        return latent + 512, tokens * TEXT_WIDTH * 2 + 512
+
+    def text_recipe(self) -> str:
+        return hashlib.sha256(f"{T2I_TEMPLATE}|cut-after-user|max{MAX_PROMPT_TOKENS}|last-hidden".encode()).hexdigest()[:16]
 
     def resolve_paths(self, **given) -> ModelPaths:
         return resolve_paths(**given)

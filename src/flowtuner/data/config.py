@@ -1,0 +1,210 @@
+"""musubi-tuner's dataset config (TOML or JSON), as typed dataclasses: the single source of the
+schema, the defaults and the docs. Value lookup: [[datasets]] entry, then [general], then the command
+line (e.g. caching --batch_size), then the defaults below."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flowtuner.config.fields import opt
+from flowtuner.errors import ConfigError
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GeneralSettings:
+    """Keys allowed in [general]; each may be overridden per dataset."""
+
+    resolution: Any = opt([960, 544], "training size as [W, H] (or one int for a square); the bucket area")
+    caption_extension: str | None = opt(None, "caption file suffix beside each image (default .txt)")
+    batch_size: int = opt(1, "items per batch (one bucket per batch)")
+    num_repeats: int = opt(1, "times each item appears per epoch")
+    enable_bucket: bool = opt(False, "aspect-ratio buckets of equal area; otherwise every image is cropped to resolution")
+    bucket_no_upscale: bool = opt(False, "with buckets: images smaller than the bucket area keep their size (floored to the step)")
+
+
+@dataclass
+class DatasetSettings(GeneralSettings):
+    """Keys allowed in one [[datasets]] entry."""
+
+    image_directory: str | None = opt(None, "folder of images with <stem><caption_extension> captions")
+    image_jsonl_file: str | None = opt(None, "JSONL: one {\"image_path\", \"caption\", [\"control_path\"...]} object per line")
+    cache_directory: str | None = opt(None, "where caches go; default image_directory; required for JSONL; unique per dataset")
+    control_directory: str | None = opt(None, "edit models: control images named <stem>.* or <stem>_N.*")
+    control_resolution: Any = opt(None, "edit models: bucket control images to this area ([W, H] or int)")
+    no_resize_control: bool = opt(False, "edit models: keep control images at native size (floored to the step)")
+
+
+DEPRECATED = {"qwen_image_edit_no_resize_control": "no_resize_control", "flux_kontext_no_resize_control": "no_resize_control",
+              "qwen_image_edit_control_resolution": "control_resolution"}
+UNSUPPORTED = {
+    "video_directory": "video datasets are not supported by flowtuner",
+    "video_jsonl_file": "video datasets are not supported by flowtuner",
+    "multiple_target": "Qwen-Image-Layered datasets are not supported yet",
+    "fp_latent_window_size": "FramePack keys do not apply to image models",
+    "fp_1f_clean_indices": "FramePack keys do not apply to image models",
+    "fp_1f_target_index": "FramePack keys do not apply to image models",
+    "fp_1f_no_post": "FramePack keys do not apply to image models",
+}
+GENERAL_KEYS = [f.name for f in dataclasses.fields(GeneralSettings)]
+DATASET_KEYS = [f.name for f in dataclasses.fields(DatasetSettings)]
+
+
+@dataclass
+class Dataset:
+    """One dataset with every value resolved; paths absolute."""
+
+    index: int
+    resolution: tuple[int, int]  # (W, H)
+    caption_extension: str
+    batch_size: int
+    num_repeats: int
+    enable_bucket: bool
+    bucket_no_upscale: bool
+    image_directory: Path | None
+    image_jsonl_file: Path | None
+    cache_directory: Path
+    control_directory: Path | None
+    control_resolution: tuple[int, int] | None
+    no_resize_control: bool
+
+    @property
+    def name(self) -> str:
+        return f"datasets[{self.index}] ({self.image_directory or self.image_jsonl_file})"
+
+
+def _where(file: Path, section: str) -> str:
+    return f"{file}: {section}"
+
+
+def _check_keys(table: dict, allowed: list[str], file: Path, section: str) -> dict:
+    out = {}
+    for key, value in table.items():
+        if key in DEPRECATED:
+            log.warning("%s: '%s' is deprecated; use '%s'", _where(file, section), key, DEPRECATED[key])
+            key = DEPRECATED[key]
+        if key in UNSUPPORTED:
+            raise ConfigError(f"{_where(file, section)}: '{key}': {UNSUPPORTED[key]}.")
+        if key not in allowed:
+            near = difflib.get_close_matches(key, allowed, n=1, cutoff=0.5)
+            hint = f"; did you mean '{near[0]}'?" if near else f"; valid keys: {', '.join(allowed)}"
+            raise ConfigError(f"{_where(file, section)}: unknown key '{key}'{hint}")
+        out[key] = value
+    return out
+
+
+def _resolution(value: Any, file: Path, section: str, key: str) -> tuple[int, int]:
+    if isinstance(value, bool):
+        value = None
+    if isinstance(value, int):
+        return (value, value)
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        return (int(value[0]), int(value[1]))
+    raise ConfigError(f"{_where(file, section)}: '{key}' must be an int or [W, H], got {value!r}.")
+
+
+def _typed(name: str, value: Any, file: Path, section: str) -> Any:
+    want = {f.name: f.type for f in dataclasses.fields(DatasetSettings)}[name]
+    checks = {"int": int, "bool": bool}
+    for tname, typ in checks.items():
+        if want == tname and (not isinstance(value, typ) or (typ is int and isinstance(value, bool))):
+            raise ConfigError(f"{_where(file, section)}: '{name}' must be {'true/false' if typ is bool else 'an integer'}, got {value!r}.")
+    if want.startswith("str") and value is not None and not isinstance(value, str):
+        raise ConfigError(f"{_where(file, section)}: '{name}' must be a string, got {value!r}.")
+    return value
+
+
+def _read(file: Path) -> dict:
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{file}: cannot read dataset config ({exc.strerror}).") from None
+    try:
+        return json.loads(text) if file.suffix.lower() == ".json" else tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{file}: invalid TOML: {exc}.") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{file}: invalid JSON at line {exc.lineno}: {exc.msg}.") from None
+
+
+def _resolve_path(value: str | None, base: Path) -> Path | None:
+    if value is None:
+        return None
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else (Path.cwd() / path if (Path.cwd() / path).exists() else base / path)
+
+
+def load_dataset_config(file: str | Path, fallbacks: dict[str, Any] | None = None) -> list[Dataset]:
+    file = Path(file)
+    raw = _read(file)
+    top = _check_keys(raw, ["general", "datasets"], file, "top level")
+    general = _check_keys(top.get("general", {}), GENERAL_KEYS, file, "[general]")
+    entries = top.get("datasets")
+    if not isinstance(entries, list) or not entries:
+        raise ConfigError(f"{file}: no [[datasets]] entries.")
+    defaults = {f.name: (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
+                for f in dataclasses.fields(DatasetSettings)}
+    fallbacks = {k: v for k, v in (fallbacks or {}).items() if v is not None}
+    datasets = [_resolve_entry(i, e, general, fallbacks, defaults, file) for i, e in enumerate(entries)]
+    _check_unique_caches(datasets, file)
+    return datasets
+
+
+def _resolve_entry(i: int, entry: Any, general: dict, fallbacks: dict, defaults: dict, file: Path) -> Dataset:
+    section = f"[[datasets]] #{i + 1}"
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{_where(file, section)}: must be a table.")
+    entry = _check_keys(entry, DATASET_KEYS, file, section)
+    value = {k: _typed(k, entry.get(k, general.get(k, fallbacks.get(k, defaults[k]))), file, section) for k in DATASET_KEYS}
+    base = file.parent
+    image_dir, jsonl = _resolve_path(value["image_directory"], base), _resolve_path(value["image_jsonl_file"], base)
+    if (image_dir is None) == (jsonl is None):
+        raise ConfigError(f"{_where(file, section)}: give exactly one of 'image_directory' or 'image_jsonl_file'.")
+    source = image_dir or jsonl
+    if not source.exists() or (image_dir is not None and not image_dir.is_dir()):
+        key = "image_directory" if image_dir else "image_jsonl_file"
+        raise ConfigError(f"{_where(file, section)}: {key} {source} does not exist.")
+    cache = _resolve_path(value["cache_directory"], base)
+    if cache is None:
+        if jsonl is not None:
+            raise ConfigError(f"{_where(file, section)}: 'cache_directory' is required with image_jsonl_file.")
+        cache = image_dir
+    control = _resolve_path(value["control_directory"], base)
+    if control is not None and not control.is_dir():
+        raise ConfigError(f"{_where(file, section)}: control_directory {control} does not exist.")
+    for key in ("batch_size", "num_repeats"):
+        if value[key] < 1:
+            raise ConfigError(f"{_where(file, section)}: '{key}' must be >= 1, got {value[key]}.")
+    ctrl_res = value["control_resolution"]
+    return Dataset(
+        index=i, resolution=_resolution(value["resolution"], file, section, "resolution"),
+        caption_extension=value["caption_extension"] or ".txt", batch_size=value["batch_size"],
+        num_repeats=value["num_repeats"], enable_bucket=value["enable_bucket"], bucket_no_upscale=value["bucket_no_upscale"],
+        image_directory=image_dir, image_jsonl_file=jsonl, cache_directory=cache, control_directory=control,
+        control_resolution=None if ctrl_res is None else _resolution(ctrl_res, file, section, "control_resolution"),
+        no_resize_control=value["no_resize_control"],
+    )
+
+
+def _check_unique_caches(datasets: list[Dataset], file: Path) -> None:
+    seen: dict[Path, Dataset] = {}
+    for ds in datasets:
+        key = ds.cache_directory.resolve()
+        if key in seen:
+            raise ConfigError(
+                f"{file}: [[datasets]] #{seen[key].index + 1} and #{ds.index + 1} share cache_directory {ds.cache_directory}; "
+                "give each dataset its own."
+            )
+        seen[key] = ds

@@ -1,0 +1,122 @@
+"""Dataset items: (image, caption, control images) from an image folder with caption files, or from
+a JSONL file. Problems are collected, never silently skipped: a missing or empty caption, a bad JSONL
+line, control images without a target."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from flowtuner.data.config import Dataset
+from flowtuner.data.images import IMAGE_SUFFIXES
+from flowtuner.errors import ConfigError
+
+
+@dataclass
+class Item:
+    key: str  # the image stem: names the cache files
+    image: Path
+    caption: str | None
+    controls: list[Path] = field(default_factory=list)
+
+
+@dataclass
+class Problem:
+    severity: str  # "error" stops caching/training of the item; "warning" is reported only
+    path: Path
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.severity}: {self.path}: {self.message}"
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _control_order(stem: str, path: Path) -> tuple[int, int, str]:
+    rest = path.stem[len(stem):]
+    if rest == "":
+        return (0, 0, path.name)
+    m = re.fullmatch(r"_(\d+)", rest)
+    return (1, int(m.group(1)) if m else 1 << 30, path.name)
+
+
+def _controls_for(stem: str, candidates: list[Path]) -> list[Path]:
+    mine = [p for p in candidates if p.stem == stem or p.stem.startswith(stem + "_")]
+    return sorted(mine, key=lambda p: _control_order(stem, p))
+
+
+def _from_directory(ds: Dataset, problems: list[Problem]) -> list[Item]:
+    items = []
+    for image in _images_in(ds.image_directory):
+        caption_file = image.with_name(image.stem + ds.caption_extension)
+        caption = None
+        if not caption_file.exists():
+            problems.append(Problem("error", image, f"no caption file ({caption_file.name})"))
+        else:
+            caption = caption_file.read_text(encoding="utf-8", errors="replace").strip()
+            if not caption:
+                problems.append(Problem("error", caption_file, "empty caption"))
+                caption = None
+        items.append(Item(image.stem, image, caption))
+    return items
+
+
+def _jsonl_path(value: str, jsonl: Path) -> Path:
+    path = Path(value).expanduser()
+    if path.is_absolute() or path.exists():
+        return path
+    return jsonl.parent / path
+
+
+def _from_jsonl(ds: Dataset, problems: list[Problem]) -> list[Item]:
+    items = []
+    for number, line in enumerate(ds.image_jsonl_file.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+            image = _jsonl_path(entry["image_path"], ds.image_jsonl_file)
+        except (json.JSONDecodeError, TypeError, KeyError) as exc:
+            reason = "not valid JSON" if isinstance(exc, json.JSONDecodeError) else "no 'image_path'"
+            raise ConfigError(f"{ds.image_jsonl_file}:{number}: {reason}.") from None
+        caption = entry.get("caption")
+        if not isinstance(caption, str) or not caption.strip():
+            problems.append(Problem("error", image, f"missing or empty caption ({ds.image_jsonl_file.name}:{number})"))
+            caption = None
+        control_keys = sorted((k for k in entry if re.fullmatch(r"control_path(_\d+)?", k)),
+                              key=lambda k: (k != "control_path", int(k.rsplit("_", 1)[1]) if k[-1].isdigit() else 0))
+        controls = [_jsonl_path(entry[k], ds.image_jsonl_file) for k in control_keys]
+        items.append(Item(image.stem, image, caption.strip() if caption else None, controls))
+    return items
+
+
+def collect_items(ds: Dataset) -> tuple[list[Item], list[Problem]]:
+    """The dataset's items and the problems found while listing them (images are not opened here)."""
+    problems: list[Problem] = []
+    items = _from_directory(ds, problems) if ds.image_directory else _from_jsonl(ds, problems)
+    by_key: dict[str, Item] = {}
+    for item in items:
+        if item.key in by_key:
+            problems.append(Problem("error", item.image,
+                                    f"same name as {by_key[item.key].image}: both would be cached as '{item.key}' in {ds.cache_directory}"))
+        else:
+            by_key[item.key] = item
+    items = list(by_key.values())
+    if ds.control_directory is not None:
+        candidates = _images_in(ds.control_directory)
+        for item in items:
+            item.controls = _controls_for(item.key, candidates)
+            if not item.controls:
+                problems.append(Problem("warning", item.image, f"no control image in {ds.control_directory}"))
+        used = {p for item in items for p in item.controls}
+        for extra in sorted(set(candidates) - used):
+            problems.append(Problem("warning", extra, "control image without a matching target image"))
+    for item in items:
+        for control in item.controls:
+            if not control.exists():
+                problems.append(Problem("error", control, f"control image of {item.image.name} not found"))
+    return items, problems

@@ -1,0 +1,94 @@
+"""Dataset config: musubi-tuner's schema, value lookup order, and one-line errors for bad configs."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+from flowtuner.data.config import load_dataset_config
+from flowtuner.errors import ConfigError
+from tests.datasets import write_config
+
+
+@pytest.fixture
+def folders(tmp_path):
+    for name in ("a", "b", "ctrl"):
+        (tmp_path / name).mkdir()
+    return tmp_path
+
+
+def test_musubi_example_and_lookup_order(folders):
+    cfg = write_config(folders / "d.toml", f"""
+[general]
+resolution = [960, 544]
+caption_extension = ".caption"
+batch_size = 4
+enable_bucket = true
+
+[[datasets]]
+image_directory = "{folders / 'a'}"
+cache_directory = "{folders / 'cache_a'}"
+num_repeats = 3
+control_directory = "{folders / 'ctrl'}"
+qwen_image_edit_control_resolution = [1024, 1024]
+
+[[datasets]]
+image_directory = "{folders / 'b'}"
+resolution = 512
+batch_size = 1
+""")
+    a, b = load_dataset_config(cfg, fallbacks={"batch_size": 7, "num_repeats": 9})
+    assert (a.resolution, a.caption_extension, a.batch_size, a.num_repeats, a.enable_bucket) == ((960, 544), ".caption", 4, 3, True)
+    assert a.control_resolution == (1024, 1024) and a.control_directory == folders / "ctrl"
+    assert (b.resolution, b.batch_size, b.num_repeats, b.cache_directory) == ((512, 512), 1, 9, folders / "b")
+    assert not b.bucket_no_upscale
+
+
+def test_json_config_and_defaults(folders):
+    cfg = folders / "d.json"
+    cfg.write_text(json.dumps({"datasets": [{"image_directory": str(folders / "a")}]}))
+    (ds,) = load_dataset_config(cfg)
+    assert ds.resolution == (960, 544) and ds.caption_extension == ".txt" and ds.batch_size == 1
+
+
+@pytest.mark.parametrize("body,message", [
+    ('[[datasets]]\nimage_dir = "a"\n', "unknown key 'image_dir'; did you mean 'image_directory'?"),
+    ('[general]\nresoluton = 512\n[[datasets]]\nimage_directory = "a"\n', "[general]: unknown key 'resoluton'; did you mean 'resolution'?"),
+    ('[[datasets]]\nimage_directory = "missing"\n', "image_directory"),
+    ('[[datasets]]\nimage_directory = "a"\ncache_directory = "c"\n[[datasets]]\nimage_directory = "b"\ncache_directory = "c"\n',
+     "#1 and #2 share cache_directory"),
+    ('[[datasets]]\nimage_directory = "a"\nbatch_size = "4"\n', "'batch_size' must be an integer"),
+    ('[[datasets]]\nimage_directory = "a"\nresolution = [1, 2, 3]\n', "'resolution' must be an int or [W, H]"),
+    ('[[datasets]]\nimage_directory = "a"\nimage_jsonl_file = "x.jsonl"\n', "exactly one of"),
+    ('[[datasets]]\nvideo_directory = "a"\n', "video datasets are not supported"),
+    ('[general\nresolution = 5\n', "invalid TOML"),
+    ('[general]\nresolution = 512\n', "no [[datasets]] entries"),
+])
+def test_bad_configs(folders, monkeypatch, body, message):
+    monkeypatch.chdir(folders)
+    cfg = write_config(folders / "bad.toml", body)
+    with pytest.raises(ConfigError) as err:
+        load_dataset_config(cfg)
+    assert message in str(err.value) and str(cfg) in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_jsonl_needs_cache_directory_and_reports_bad_lines(folders):
+    from flowtuner.data.sources import collect_items
+
+    jsonl = folders / "meta.jsonl"
+    jsonl.write_text('{"image_path": "a/x.png", "caption": "x"}\n{not json}\n')
+    with pytest.raises(ConfigError, match="'cache_directory' is required"):
+        load_dataset_config(write_config(folders / "j.toml", f'[[datasets]]\nimage_jsonl_file = "{jsonl}"\n'))
+    (ds,) = load_dataset_config(write_config(folders / "j.toml", f'[[datasets]]\nimage_jsonl_file = "{jsonl}"\ncache_directory = "c"\n'))
+    with pytest.raises(ConfigError, match=r"meta.jsonl:2: not valid JSON"):
+        collect_items(ds)
+
+
+def test_deprecated_alias_warns(folders, caplog):
+    cfg = write_config(folders / "d.toml", f'[[datasets]]\nimage_directory = "{folders / "a"}"\nqwen_image_edit_no_resize_control = true\n')
+    with caplog.at_level(logging.WARNING):
+        (ds,) = load_dataset_config(cfg)
+    assert ds.no_resize_control and "deprecated; use 'no_resize_control'" in caplog.text
