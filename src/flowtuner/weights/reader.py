@@ -9,7 +9,9 @@ against the file size first, so a truncated download is reported before any mode
 from __future__ import annotations
 
 import json
+import os
 import re
+import stat
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,9 +64,16 @@ class Checkpoint:
     def nbytes(self) -> int:
         return sum(e.nbytes for e in self.entries.values())
 
-    def read(self, key: str) -> torch.Tensor:
+    def read(self, key: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor `key`, read into `out` when given (contiguous, same shape and dtype): a batch can
+        be filled in place, without a stacking copy."""
         entry = self.entries[key]
-        tensor = torch.empty(entry.shape, dtype=entry.dtype)
+        if out is None:
+            tensor = torch.empty(entry.shape, dtype=entry.dtype)
+        elif tuple(out.shape) != entry.shape or out.dtype != entry.dtype or not out.is_contiguous():
+            raise WeightsError(f"{self.path}: {key} is {entry.dtype} {list(entry.shape)}, expected {out.dtype} {list(out.shape)}.")
+        else:
+            tensor = out
         if entry.nbytes:
             view = tensor.reshape(-1).view(torch.uint8).numpy()
             with open(entry.file, "rb") as f:
@@ -98,11 +107,12 @@ def _sniff_foreign(path: Path) -> str | None:
     return None
 
 
-def _parse_header(path: Path) -> tuple[dict, int]:
-    size = path.stat().st_size
-    if size < 8:
-        raise WeightsError(f"{path}: the file is empty or truncated ({size} bytes). Download it again.")
+def _parse_header(path: Path) -> tuple[dict, int, int]:
+    """(header, data start, file size), with one open."""
     with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size < 8:
+            raise WeightsError(f"{path}: the file is empty or truncated ({size} bytes). Download it again.")
         (n,) = struct.unpack("<Q", f.read(8))
         if n > MAX_HEADER or n + 8 > size:
             raise WeightsError(f"{path}: not a safetensors file, or truncated (header claims {n} bytes, file has {size}).")
@@ -113,20 +123,19 @@ def _parse_header(path: Path) -> tuple[dict, int]:
         raise WeightsError(f"{path}: not a safetensors file (its header is not JSON).") from None
     if not isinstance(header, dict):
         raise WeightsError(f"{path}: not a safetensors file (its header is not a JSON object).")
-    return header, 8 + n
+    return header, 8 + n, size
 
 
 def _read_file(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise WeightsError(f"{path}: {_sniff_foreign(path)}.")
     try:
-        header, base = _parse_header(path)
+        header, base, size = _parse_header(path)
     except WeightsError:
         foreign = _sniff_foreign(path)
         if foreign:
             raise WeightsError(f"{path}: {foreign}.") from None
         raise
-    size = path.stat().st_size
     metadata = header.pop("__metadata__", None) or {}
     entries: dict[str, TensorEntry] = {}
     for key, info in header.items():
@@ -182,9 +191,11 @@ def _files_in_dir(path: Path) -> list[Path]:
 def open_checkpoint(path: str | Path) -> Checkpoint:
     """Open a single file, one shard of a `-0000N-of-0000M` set, or a (sharded) folder."""
     path = Path(path)
-    if not path.exists():
-        raise WeightsError(f"{path}: no such file or folder.")
-    files = _files_in_dir(path) if path.is_dir() else _shards_of(path)
+    try:
+        is_dir = stat.S_ISDIR(os.stat(path).st_mode)
+    except FileNotFoundError:
+        raise WeightsError(f"{path}: no such file or folder.") from None
+    files = _files_in_dir(path) if is_dir else _shards_of(path)
     entries: dict[str, TensorEntry] = {}
     metadata: dict[str, str] = {}
     for file in files:

@@ -1,0 +1,116 @@
+"""The dataset doctor and the training loader over caches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from flowtuner.cli import main
+from flowtuner.data.config import load_dataset_config
+from flowtuner.data.loader import BatchPlan, CacheDataset, CacheError, make_loader, scan_caches
+from flowtuner.families.qwen_image import QwenImageFamily
+from tests.datasets import good_dataset, noise_image, truncated_jpeg, write_config, write_item
+
+
+def test_doctor_reports_everything(tmp_path, capsys):
+    images, controls = tmp_path / "images", tmp_path / "controls"
+    for i in range(3):
+        write_item(images, f"ok{i}", noise_image(64 + 16 * i, 64, i), f"caption {i}")
+    write_item(images, "tiny", noise_image(20, 20, 7), "small")
+    write_item(images, "copy", noise_image(64, 64, 0), "same pixels as ok0")
+    write_item(images, "nocap", noise_image(64, 64, 3), None)
+    (images / "trunc.jpg").write_bytes(truncated_jpeg())
+    (images / "trunc.txt").write_text("x")
+    write_item(controls, "ok0", noise_image(64, 64), None)
+    write_item(controls, "ok0_1", noise_image(64, 64), None)
+    write_item(controls, "stranger", noise_image(64, 64), None)
+    cfg = write_config(tmp_path / "d.toml", f"""
+[general]
+resolution = 64
+enable_bucket = true
+[[datasets]]
+image_directory = "{images}"
+control_directory = "{controls}"
+num_repeats = 2
+""")
+    preview = tmp_path / "preview"
+    assert main(["dataset", "check", "--dataset_config", str(cfg), "--preview", str(preview)]) == 1
+    out = capsys.readouterr().out
+    assert "7 items, 6 readable, x2 repeats" in out
+    assert "64x64" in out and "bucket histogram" in out and "estimated cache size" in out
+    for text in ("nocap.png: no caption file", "trunc.jpg: corrupt or truncated", "tiny.png: 20x20 is enlarged 3.2x",
+                 "ok0.png: same content as", "ok1.png: no control image", "stranger.png: control image without a matching target",
+                 "2 errors"):
+        assert text in out, text
+    sheets = list(preview.glob("*.png"))
+    assert len(sheets) == 1 and Image.open(sheets[0]).size[0] > 0
+
+
+def test_doctor_exit_zero_on_clean_dataset(tmp_path, capsys):
+    assert main(["dataset", "check", "--dataset_config", str(good_dataset(tmp_path))]) == 0
+    assert "no errors" in capsys.readouterr().out
+
+
+@pytest.fixture
+def cached(tmp_path, tiny_files):
+    cfg = good_dataset(tmp_path, sizes=[(64, 64)] * 5 + [(96, 64)] * 3 + [(64, 96)] * 2)
+    for kind in ("latents", "text"):
+        assert main([f"cache-{kind}", "--dataset_config", str(cfg), "--model", str(tiny_files["repo"]), "--device", "cpu"]) == 0
+    return cfg
+
+
+def _plan(cfg, seed=0):
+    datasets = load_dataset_config(cfg)
+    items = scan_caches(datasets, QwenImageFamily())
+    return items, BatchPlan(items, datasets, seed)
+
+
+def test_batches_come_from_one_bucket_and_order_is_seeded(cached):
+    items, plan = _plan(cached)
+    assert len(plan) == 3 + 2 + 1  # batch_size 2 over buckets of 5, 3, 2 items
+    for batch in plan.epoch(0):
+        assert len({items[i].bucket for i in batch}) == 1
+    assert plan.epoch(0) == _plan(cached)[1].epoch(0)
+    assert plan.epoch(0) != plan.epoch(1) or plan.epoch(0) != plan.epoch(2)
+    assert sorted(i for b in plan.epoch(3) for i in b) == list(range(10))
+    assert _plan(cached, seed=1)[1].epoch(0) != plan.epoch(0)
+
+
+def test_loader_batches_restart_exactly_and_match_across_workers(cached):
+    items, plan = _plan(cached)
+    data = CacheDataset(items)
+    full = [b["keys"] for b in make_loader(data, plan, epoch=2)]
+    resumed = [b["keys"] for b in make_loader(data, plan, epoch=2, start=4)]
+    assert resumed == full[4:]
+    workers = list(make_loader(data, plan, epoch=2, num_workers=2))
+    assert [b["keys"] for b in workers] == full
+    processes = list(make_loader(data, plan, epoch=2, num_workers=2, processes=True))
+    assert [b["keys"] for b in processes] == full
+    assert all(torch.equal(a["latents"], b["latents"]) for a, b in zip(workers, processes))
+    batch = workers[0]
+    b = len(batch["keys"])
+    assert batch["latents"].shape[:3] == (b, 16, 1) and batch["latents"].dtype == torch.bfloat16
+    assert batch["embeds"].shape[0] == b and batch["embeds"].shape[2] == 128
+    assert batch["mask"].shape == batch["embeds"].shape[:2]
+    lengths = batch["mask"].sum(1)
+    for i in range(b):
+        assert batch["embeds"][i, lengths[i]:].abs().sum() == 0 and batch["embeds"][i, : lengths[i]].abs().sum() > 0
+
+
+def test_num_repeats_multiplies_items(cached):
+    cached.write_text(cached.read_text().replace("batch_size = 2", "batch_size = 2\nnum_repeats = 3"))
+    items, plan = _plan(cached)
+    assert sum(len(b) for b in plan.epoch(0)) == 30
+
+
+def test_cache_not_matching_config_is_an_error(cached):
+    cached.write_text(cached.read_text().replace("resolution = [64, 64]", "resolution = [48, 48]"))
+    with pytest.raises(CacheError, match=r"img0_0064x0064_qi.safetensors: cached at 64x64, but the dataset config now puts"):
+        _plan(cached)
+
+
+def test_missing_text_cache_is_an_error(cached, tmp_path):
+    next((tmp_path / "cache").glob("*_te.safetensors")).unlink()
+    with pytest.raises(CacheError, match="have no text cache"):
+        _plan(cached)
