@@ -92,3 +92,46 @@ def test_deprecated_alias_warns(folders, caplog):
     with caplog.at_level(logging.WARNING):
         (ds,) = load_dataset_config(cfg)
     assert ds.no_resize_control and "deprecated; use 'no_resize_control'" in caplog.text
+
+
+def test_docs_list_every_dataset_key_with_its_default():
+    """The dataclasses are the schema; the docs table must not drift from them."""
+    import dataclasses
+    from pathlib import Path
+
+    from flowtuner.data.config import DatasetSettings
+
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "datasets.md").read_text()
+    for f in dataclasses.fields(DatasetSettings):
+        assert f"| `{f.name}` |" in docs, f.name
+    assert "| `resolution` | general, dataset | `[960, 544]` |" in docs
+
+
+def test_fp8_vl_says_it_is_not_available(tmp_path, capsys):
+    from flowtuner.cli import main
+    from tests.datasets import good_dataset
+
+    rc = main(["cache-text", "--dataset_config", str(good_dataset(tmp_path)), "--text_encoder", "x", "--fp8_vl"])
+    assert rc == 2 and "--fp8_vl is not available yet" in capsys.readouterr().err
+
+
+def test_jsonl_items_controls_and_missing_captions(folders, monkeypatch):
+    from flowtuner.data.sources import collect_items
+    from tests.datasets import noise_image
+
+    monkeypatch.chdir(folders)
+    for name in ("t1", "t2", "c0", "c1", "c2", "c10"):
+        noise_image(16, 16).save(folders / "a" / f"{name}.png")
+    lines = [
+        {"image_path": "a/t1.png", "caption": "one", "control_path_10": "a/c10.png", "control_path_2": "a/c2.png",
+         "control_path": "a/c0.png", "control_path_1": "a/c1.png"},
+        {"image_path": str(folders / "a/t2.png"), "caption": "  "},
+    ]
+    jsonl = folders / "meta.jsonl"
+    jsonl.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    cfg = write_config(folders / "j.toml", f'[[datasets]]\nimage_jsonl_file = "{jsonl}"\ncache_directory = "cache"\n')
+    (ds,) = load_dataset_config(cfg)
+    items, problems = collect_items(ds)
+    assert [p.name for p in items[0].controls] == ["c0.png", "c1.png", "c2.png", "c10.png"]
+    assert items[0].caption == "one" and items[1].caption is None
+    assert any("missing or empty caption (meta.jsonl:2)" in str(p) for p in problems)
