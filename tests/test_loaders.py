@@ -142,7 +142,7 @@ def test_text_encoder_cpu_flag_runs_encoder_on_cpu(tiny_files, tmp_path, monkeyp
     original = generate.encode_prompts
     monkeypatch.setattr(generate, "encode_prompts",
                         lambda fam, paths, jobs, device: seen.setdefault("te", device) and original(fam, paths, jobs, device))
-    monkeypatch.setattr(generate, "sample_all", lambda fam, paths, jobs, conds, device, attn: seen.setdefault("dit", device) and [])
+    monkeypatch.setattr(generate, "sample_all", lambda fam, paths, jobs, conds, device, *a: seen.setdefault("dit", device) and [])
     args = ["generate", "--model", str(tiny_files["repo"]), "--prompt", "x", "--image_size", "32", "32",
             "--save_path", str(tmp_path), "--output_type", "latent", "--device", "meta"]
     assert main(args + ["--text_encoder_cpu"]) == 0

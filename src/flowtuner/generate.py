@@ -113,9 +113,39 @@ def sample_job(denoiser: Denoiser, family: Family, job: Job, conds: dict[str, Co
     return out
 
 
-def sample_all(family: Family, paths: ModelPaths, jobs: list[Job], conds: dict[str, Conditioning],
-               device: torch.device, attn_mode: str) -> list[tuple[Job, int, torch.Tensor]]:
+def lora_pairs(cfg: GenerateConfig) -> list[tuple[str, float]]:
+    files = cfg.lora_weight or []
+    mults = cfg.lora_multiplier or [1.0] * len(files)
+    if len(mults) != len(files):
+        raise ConfigError(f"--lora_multiplier: {len(mults)} values for {len(files)} --lora_weight files.")
+    return list(zip(files, mults))
+
+
+def load_denoiser_with_loras(family: Family, paths: ModelPaths, device, attn_mode: str, loras: list[tuple[str, float]]):
+    from flowtuner.train.lora import merge_into
+    from flowtuner.train.lora_formats import read_lora_file
+
     denoiser = family.load_denoiser(paths, device, attn_mode)
+    for file, multiplier in loras:
+        weights = read_lora_file(file, list(family.lora_block_modules), list(family.lora_stem_modules))
+        merge_into(denoiser.module, weights, multiplier)
+        log.info("merged LoRA %s (x%s, %d modules)", file, multiplier, len(weights))
+    return denoiser
+
+
+def save_merged(family: Family, paths: ModelPaths, cfg: GenerateConfig) -> Path:
+    from flowtuner.weights import atomic_save_safetensors
+
+    denoiser = load_denoiser_with_loras(family, paths, torch.device("cpu"), "torch", lora_pairs(cfg))
+    out = Path(cfg.save_merged_model)
+    atomic_save_safetensors({k: v for k, v in denoiser.module.state_dict().items()}, out,
+                            {"merged_loras": ", ".join(f"{f} x{m}" for f, m in lora_pairs(cfg))})
+    return out
+
+
+def sample_all(family: Family, paths: ModelPaths, jobs: list[Job], conds: dict[str, Conditioning],
+               device: torch.device, attn_mode: str, loras: list[tuple[str, float]] = ()) -> list[tuple[Job, int, torch.Tensor]]:
+    denoiser = load_denoiser_with_loras(family, paths, device, attn_mode, list(loras))
     with tqdm(total=sum(j.steps * j.num_images for j in jobs), desc="sampling", unit="step") as bar:
         results = [r for job in jobs for r in sample_job(denoiser, family, job, conds, lambda *_: bar.update())]
     del denoiser
@@ -131,14 +161,17 @@ def params_of(job: Job, seed: int, paths: ModelPaths) -> dict:
 
 def run(cfg: GenerateConfig, family_name: str = "qwen_image") -> list[Path]:
     family = get_family(family_name)
-    jobs = make_jobs(cfg, family.size_step)
     paths = family.resolve_paths(dit=cfg.dit, vae=cfg.vae, text_encoder=cfg.text_encoder, tokenizer=cfg.tokenizer,
                                  model=cfg.model, comfyui_dir=cfg.comfyui_dir)
+    if cfg.save_merged_model:
+        family.validate(paths, ("dit",))
+        return [save_merged(family, paths, cfg)]
+    jobs = make_jobs(cfg, family.size_step)
     decode = cfg.output_type in ("images", "latent_images")
     family.validate(paths, ("text_encoder", "dit") + (("vae",) if decode else ()))
     device = pick_device(cfg.device)
     conds = encode_prompts(family, paths, jobs, torch.device("cpu") if cfg.text_encoder_cpu else device)
-    results = sample_all(family, paths, jobs, conds, device, cfg.attn_mode)
+    results = sample_all(family, paths, jobs, conds, device, cfg.attn_mode, lora_pairs(cfg))
     out_dir, written = Path(cfg.save_path), []
     if cfg.output_type in ("latent", "latent_images"):
         written += [save_latent(lat, out_dir, params_of(job, seed, paths)) for job, seed, lat in results]

@@ -29,3 +29,6 @@ class GenerateConfig:
     text_encoder_cpu: bool = opt(False, "run the text encoder on the CPU")
     from_file: str | None = opt(help="file with one prompt per line and inline options --w --h --d --s --g/--l --n --fs")
     num_images: int = opt(1, "images per prompt")
+    lora_weight: list[str] | None = opt(help="LoRA files (kohya/musubi, diffusers, ComfyUI layouts), merged into the DiT at load")
+    lora_multiplier: list[float] | None = opt(help="one multiplier per --lora_weight (default 1.0 each)")
+    save_merged_model: str | None = opt(help="merge the LoRAs into the DiT, save it to this .safetensors file, and stop")

@@ -61,6 +61,8 @@ class TextEncoder(ABC):
 class Denoiser(ABC):
     #: axis of the sampler state along which a per-location feature vector lies (CFG norm rescale)
     feature_dim: int = -1
+    #: the torch module LoRAs attach to / merge into
+    module: torch.nn.Module
 
     @abstractmethod
     def geometry(self, height: int, width: int) -> LatentGeometry: ...
@@ -95,6 +97,14 @@ class Family(ABC):
     #: short name in cache file names (musubi-tuner: qi, qie, ...) and the full one in their metadata
     cache_arch: str
     architecture: str
+
+    #: LoRA-able Linear paths inside one block, and outside the blocks (tables for LoRA key names)
+    lora_block_modules: tuple[str, ...]
+    lora_stem_modules: tuple[str, ...]
+
+    @abstractmethod
+    def lora_default_targets(self, module: torch.nn.Module) -> list[str]:
+        """Module paths a LoRA trains when no include/exclude pattern is given."""
 
     @abstractmethod
     def cache_size_estimate(self, bucket: tuple[int, int], caption: str) -> tuple[int, int]:

@@ -27,6 +27,13 @@ TEXT_WIDTH = 3584  # Qwen2.5-VL-7B hidden size
 VAE_FACTOR = 8
 PATCH = 2
 
+LORA_BLOCK_MODULES = (
+    "attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_out.0",
+    "attn.to_add_out", "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2", "img_mod.1", "txt_mod.1",
+)
+LORA_STEM_MODULES = ("img_in", "txt_in", "proj_out", "norm_out.linear", "time_text_embed.timestep_embedder.linear_1",
+                     "time_text_embed.timestep_embedder.linear_2")
+
 # --attn_mode -> (diffusers attention backend, the package it needs)
 ATTN_BACKENDS: dict[str, tuple[str, str | None]] = {
     "torch": ("native", None), "sdpa": ("native", None),
@@ -66,7 +73,7 @@ class QwenImageDenoiser(Denoiser):
     feature_dim = -1  # packed tokens: the 64 features of one 2x2 latent patch
 
     def __init__(self, dit, info: DiTInfo | None = None):
-        self.dit = dit
+        self.dit = self.module = dit
         self.info = info
         param = next(dit.parameters())
         self.dtype, self.device = param.dtype, param.device
@@ -122,6 +129,15 @@ class QwenImageFamily(Family):
     latent_scale = VAE_FACTOR
     cache_arch = "qi"
     architecture = "qwen_image"
+
+    lora_block_modules = LORA_BLOCK_MODULES
+    lora_stem_modules = LORA_STEM_MODULES
+
+    def lora_default_targets(self, module: torch.nn.Module) -> list[str]:
+        """Every block Linear except the modulation layers (img_mod.1 / txt_mod.1): musubi-tuner means to
+        leave them out too, but its exclusion pattern never matches, so its LoRAs train them."""
+        n = len(module.transformer_blocks)
+        return [f"transformer_blocks.{i}.{name}" for i in range(n) for name in LORA_BLOCK_MODULES if "_mod." not in name]
 
     def cache_size_estimate(self, bucket: tuple[int, int], caption: str) -> tuple[int, int]:
         latent = LATENT_CHANNELS * (bucket[0] // VAE_FACTOR) * (bucket[1] // VAE_FACTOR) * 2

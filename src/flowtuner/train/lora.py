@@ -1,0 +1,136 @@
+"""A LoRA network over a model's Linear layers, attached with forward hooks so the base model's
+modules and state-dict keys stay untouched (merging and full-model saves need no unwrapping).
+
+delta(x) = multiplier * (alpha / rank) * up(down(dropout(x))), down: [rank, in], up: [out, rank] (zero-init).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from flowtuner.errors import ConfigError
+
+
+@dataclass
+class LoRAWeights:
+    """One module's LoRA: the format-independent form every file format converts to and from."""
+
+    down: torch.Tensor  # [rank, in]
+    up: torch.Tensor  # [out, rank]
+    alpha: float
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def delta(self) -> torch.Tensor:
+        return (self.up.float() @ self.down.float()) * self.scale
+
+
+def kohya_name(path: str) -> str:
+    return "lora_unet_" + path.replace(".", "_")
+
+
+def select_modules(model: nn.Module, candidates: Iterable[str], include: list[str], exclude: list[str]) -> list[str]:
+    """Linear module paths to train. A pattern (regex, full match) matches a module by its dotted path
+    (`transformer_blocks.0.img_mod.1`) or its kohya name (`lora_unet_transformer_blocks_0_img_mod_1`),
+    so patterns written for either convention work. include adds to the candidates, exclude removes."""
+    compiled = lambda pats: [re.compile(p) for p in pats]  # noqa: E731
+    inc, exc = compiled(include), compiled(exclude)
+    hit = lambda pats, path: any(p.fullmatch(path) or p.fullmatch(kohya_name(path)) for p in pats)  # noqa: E731
+    linears = {name for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    chosen = [p for p in linears if (p in set(candidates) or hit(inc, p)) and not hit(exc, p)]
+    return sorted(chosen, key=_natural)
+
+
+def _natural(path: str) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path)]
+
+
+class LoRAModule(nn.Module):
+    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        self.down = nn.Linear(in_features, rank, bias=False)
+        self.up = nn.Linear(rank, out_features, bias=False)
+        nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.up.weight)
+        self.alpha, self.rank, self.dropout = float(alpha), rank, dropout
+        self.multiplier = 1.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.to(self.down.weight.dtype)
+        if self.training and self.dropout:
+            h = nn.functional.dropout(h, self.dropout)
+        return self.up(self.down(h)) * (self.multiplier * self.alpha / self.rank)
+
+
+class LoRANetwork(nn.Module):
+    def __init__(self, model: nn.Module, paths: list[str], rank: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        if not paths:
+            raise ConfigError("the LoRA targets no module; check --network_args include/exclude patterns.")
+        self.paths = paths
+        self.loras = nn.ModuleDict()
+        for path in paths:
+            m = model.get_submodule(path)
+            self.loras[path.replace(".", "_")] = LoRAModule(m.in_features, m.out_features, rank, alpha, dropout)
+        self._handles: list = []
+        self._model = [model]  # not a submodule: the base model's weights are not the network's
+
+    def attach(self) -> "LoRANetwork":
+        model = self._model[0]
+        for path in self.paths:
+            lora = self.loras[path.replace(".", "_")]
+            self._handles.append(model.get_submodule(path).register_forward_hook(
+                lambda mod, args, out, lora=lora: out + lora(args[0]).to(out.dtype)))
+        return self
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def set_multiplier(self, value: float) -> None:
+        for lora in self.loras.values():
+            lora.multiplier = value
+
+    def weights(self) -> dict[str, LoRAWeights]:
+        return {path: LoRAWeights(self.loras[path.replace(".", "_")].down.weight.detach(),
+                                  self.loras[path.replace(".", "_")].up.weight.detach(),
+                                  self.loras[path.replace(".", "_")].alpha) for path in self.paths}
+
+    def load_weights(self, weights: dict[str, LoRAWeights], source: str) -> None:
+        missing = sorted(set(self.paths) - set(weights))
+        extra = sorted(set(weights) - set(self.paths))
+        if missing or extra:
+            raise ConfigError(f"{source}: LoRA modules do not match the network ({len(missing)} missing, e.g. "
+                              f"{(missing or ['-'])[0]}; {len(extra)} extra, e.g. {(extra or ['-'])[0]}).")
+        for path, w in weights.items():
+            lora = self.loras[path.replace(".", "_")]
+            if w.down.shape != lora.down.weight.shape or w.up.shape != lora.up.weight.shape:
+                raise ConfigError(f"{source}: {path} has rank {w.rank}, the network has rank {lora.rank}.")
+            with torch.no_grad():
+                lora.down.weight.copy_(w.down)
+                lora.up.weight.copy_(w.up)
+            lora.alpha = w.alpha
+
+
+@torch.no_grad()
+def merge_into(model: nn.Module, weights: dict[str, LoRAWeights], multiplier: float = 1.0) -> None:
+    """W <- W + multiplier * (alpha / rank) * up @ down, computed in float32."""
+    for path, w in weights.items():
+        try:
+            linear = model.get_submodule(path)
+        except AttributeError:
+            raise ConfigError(f"LoRA module {path} does not exist in the model.") from None
+        linear.weight.copy_((linear.weight.float() + multiplier * w.delta().to(linear.weight.device)).to(linear.weight.dtype))
