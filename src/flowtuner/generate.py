@@ -99,6 +99,7 @@ def encode_prompts(family: Family, paths: ModelPaths, jobs: list[Job], device: t
     return conds
 
 
+@torch.no_grad()
 def sample_job(denoiser: Denoiser, family: Family, job: Job, conds: dict[str, Conditioning],
                on_step=None) -> list[tuple[Job, int, torch.Tensor]]:
     geometry = denoiser.geometry(job.height, job.width)

@@ -57,14 +57,14 @@ def _unique_write(folder: Path, stem: str, suffix: str, write) -> Path:
     raise FileExistsError(f"{folder}: too many files named {stem}*{suffix}")
 
 
-def save_png(image: torch.Tensor, folder: Path, params: dict) -> Path:
+def save_png(image: torch.Tensor, folder: Path, params: dict, stem: str | None = None) -> Path:
     info = PngInfo()
     info.add_text("parameters", parameters_text(params))
     info.add_text("flowtuner", json.dumps(params, sort_keys=True))
     buf = io.BytesIO()
     to_pil(image).save(buf, format="PNG", pnginfo=info)
     data = buf.getvalue()
-    return _unique_write(folder, f"{_stamp()}_{params['seed']}", ".png",
+    return _unique_write(folder, stem or f"{_stamp()}_{params['seed']}", ".png",
                          lambda p: atomic_write_bytes(data, p, overwrite=False))
 
 

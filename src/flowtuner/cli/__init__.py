@@ -10,7 +10,7 @@ from flowtuner import __version__
 from flowtuner.errors import FlowtunerError
 
 # subcommand -> module under flowtuner.cli with `register(subparsers)` and `run(args)`
-COMMANDS = ("generate", "dataset", "caching")
+COMMANDS = ("generate", "dataset", "caching", "train")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,7 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.subcommand_argv = argv[argv.index(args.command) + 1:]
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s: %(message)s")
     try:
         return args.handler(args) or 0

@@ -6,6 +6,7 @@ batches an uninterrupted run would have seen, whatever the number of worker proc
 
 from __future__ import annotations
 
+import logging
 import re
 from collections import defaultdict
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from flowtuner.errors import FlowtunerError
 from flowtuner.families.base import Family
 from flowtuner.weights.reader import open_checkpoint
 
+log = logging.getLogger(__name__)
 LATENT_NAME = re.compile(r"^(?P<key>.+)_(?P<w>\d+)x(?P<h>\d+)_(?P<arch>[a-z0-9]+)\.safetensors$")
 
 
@@ -61,8 +63,9 @@ def scan_caches(datasets: list[Dataset], family: Family) -> list[CachedItem]:
                     f"{bucket[0]}x{bucket[1]}; re-run cache-latents (it recomputes stale caches)."
                 )
             items.append(CachedItem(m["key"], latent, text, bucket, ds.index))
-    if missing_text:
-        raise CacheError(f"{len(missing_text)} latent caches have no text cache (e.g. {missing_text[0]}); run cache-text.")
+    if missing_text:  # cache-text reported why (e.g. a missing caption); train on the rest
+        log.warning("%d latent caches have no text cache and are left out (e.g. %s); run cache-text.",
+                    len(missing_text), missing_text[0])
     if not items:
         raise CacheError("no caches found in the datasets' cache directories; run cache-latents and cache-text first.")
     return items

@@ -77,6 +77,10 @@ class Denoiser(ABC):
     def to_latents(self, x: torch.Tensor, geometry: LatentGeometry) -> torch.Tensor:
         """Sampler state -> the VAE's latent layout (normalised)."""
 
+    @abstractmethod
+    def from_latents(self, latents: torch.Tensor) -> tuple[torch.Tensor, LatentGeometry]:
+        """Cached latents (the VAE's layout) -> (sampler state, geometry): the training input."""
+
 
 class ImageCodec(ABC):
     @abstractmethod

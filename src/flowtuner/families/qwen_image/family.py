@@ -91,7 +91,6 @@ class QwenImageDenoiser(Denoiser):
         eps = torch.randn((1, 1, LATENT_CHANNELS, h, w), generator=gen, dtype=self.dtype)
         return pack(eps.reshape(1, LATENT_CHANNELS, 1, h, w)).to(torch.float32)
 
-    @torch.no_grad()
     def predict(self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning, geometry: LatentGeometry) -> torch.Tensor:
         b = x.shape[0]
         grid = (1, geometry.height // VAE_FACTOR // PATCH, geometry.width // VAE_FACTOR // PATCH)
@@ -112,6 +111,10 @@ class QwenImageDenoiser(Denoiser):
     def to_latents(self, x: torch.Tensor, geometry: LatentGeometry) -> torch.Tensor:
         return unpack(x, geometry.height // VAE_FACTOR, geometry.width // VAE_FACTOR)
 
+    def from_latents(self, latents: torch.Tensor) -> tuple[torch.Tensor, LatentGeometry]:
+        h, w = latents.shape[-2:]
+        return pack(latents), self.geometry(h * VAE_FACTOR, w * VAE_FACTOR)
+
 
 def set_attention(dit, attn_mode: str) -> None:
     if attn_mode not in ATTN_BACKENDS:
@@ -129,6 +132,9 @@ class QwenImageFamily(Family):
     latent_scale = VAE_FACTOR
     cache_arch = "qi"
     architecture = "qwen_image"
+    modelspec_architecture = "Qwen-Image"
+    modelspec_implementation = "https://github.com/QwenLM/Qwen-Image"
+    modelspec_resolution = "1328x1328"
 
     lora_block_modules = LORA_BLOCK_MODULES
     lora_stem_modules = LORA_STEM_MODULES

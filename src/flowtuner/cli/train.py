@@ -1,0 +1,82 @@
+"""`flowtuner train` (LoRA), `flowtuner finetune` (full), `flowtuner convert-lora`."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+from pathlib import Path
+
+from flowtuner.config.fields import add_arguments, from_namespace
+from flowtuner.config.train import TrainConfig
+from flowtuner.errors import ConfigError
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+
+def register(sub) -> None:
+    for name, full, text in (("train", False, "train a LoRA on cached datasets"),
+                             ("finetune", True, "fine-tune all DiT weights on cached datasets")):
+        parser = sub.add_parser(name, help=text, description=text + " (musubi-tuner's flags; --config_file TOML too)")
+        add_arguments(parser, TrainConfig)
+        parser.set_defaults(handler=lambda args, p=parser, f=full: run(args, p, f))
+    conv = sub.add_parser("convert-lora", help="convert a LoRA between the kohya, diffusers and comfyui layouts")
+    conv.add_argument("input", help="LoRA file in any supported layout")
+    conv.add_argument("output", help="file to write")
+    conv.add_argument("--format", required=True, choices=("kohya", "diffusers", "comfyui"), help="layout of the output")
+    conv.set_defaults(handler=convert)
+
+
+def config_file_values(path: str) -> dict:
+    """TOML options, all sections flattened (musubi-tuner's convention); dashes read as underscores."""
+    file = Path(path)
+    if not file.exists() and file.with_suffix(".toml").exists():
+        file = file.with_suffix(".toml")
+    try:
+        raw = tomllib.loads(file.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"--config_file {path}: cannot read it ({exc.strerror}).") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{file}: invalid TOML: {exc}.") from None
+    flat: dict = {}
+    for key, value in raw.items():
+        flat.update(value if isinstance(value, dict) else {key: value})
+    names = [f.name for f in dataclasses.fields(TrainConfig)]
+    out = {}
+    for key, value in flat.items():
+        key = key.replace("-", "_")
+        if key not in names:
+            near = difflib.get_close_matches(key, names, n=1)
+            raise ConfigError(f"{file}: unknown option '{key}'" + (f"; did you mean '{near[0]}'?" if near else "."))
+        out[key] = value
+    return out
+
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser, full: bool) -> int:
+    if args.config_file:  # file values become the defaults, so every flag given on the command line wins
+        parser.set_defaults(**config_file_values(args.config_file))
+        args = parser.parse_args(args.subcommand_argv)
+    cfg = from_namespace(TrainConfig, args)
+    from flowtuner.train.loop import Trainer
+
+    trainer = Trainer(cfg, full=full)
+    if cfg.show_timesteps:
+        print(trainer.show_timesteps(cfg.show_timesteps))
+        return 0
+    return trainer.run()
+
+
+def convert(args) -> int:
+    from flowtuner.families import get_family
+    from flowtuner.train.lora_formats import read_lora_file, write_lora_file
+    from flowtuner.weights import open_checkpoint
+
+    family = get_family("qwen_image")
+    weights = read_lora_file(args.input, list(family.lora_block_modules), list(family.lora_stem_modules))
+    meta = {k: v for k, v in open_checkpoint(args.input).metadata.items() if k.startswith(("ss_", "modelspec."))}
+    write_lora_file(weights, args.output, args.format, meta)
+    print(f"{args.output}: {len(weights)} modules, {args.format} layout")
+    return 0

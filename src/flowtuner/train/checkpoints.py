@@ -1,0 +1,180 @@
+"""Saving weights and states during a run, and watching it (trackers, validation, loss curve)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from pathlib import Path
+
+import torch
+
+from flowtuner.errors import ConfigError
+from flowtuner.flow.convention import noisy, velocity_target
+from flowtuner.train.lora_formats import write_lora_file
+from flowtuner.train.state import capture_rng, save_state
+from flowtuner.weights import atomic_save_safetensors
+
+log = logging.getLogger(__name__)
+
+
+def lora_metadata(trainer, pos, network) -> dict[str, str]:
+    cfg, fam = trainer.cfg, trainer.family
+    meta = {
+        "ss_base_model_version": fam.architecture, "ss_network_module": "networks.lora_qwen_image",
+        "ss_network_dim": str(cfg.network_dim), "ss_network_alpha": str(cfg.network_alpha),
+        "ss_network_args": json.dumps(cfg.network_args or []),
+        "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": f"{fam.modelspec_architecture}/lora",
+        "modelspec.implementation": fam.modelspec_implementation, "modelspec.title": cfg.output_name,
+        "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S"), "modelspec.resolution": fam.modelspec_resolution,
+    }
+    if not cfg.no_metadata:
+        meta.update({
+            "ss_output_name": cfg.output_name, "ss_learning_rate": str(cfg.learning_rate), "ss_optimizer": cfg.optimizer_type,
+            "ss_optimizer_args": json.dumps(cfg.optimizer_args or []), "ss_lr_scheduler": cfg.lr_scheduler,
+            "ss_lr_warmup_steps": str(cfg.lr_warmup_steps), "ss_max_grad_norm": str(cfg.max_grad_norm),
+            "ss_network_dropout": str(cfg.network_dropout), "ss_mixed_precision": cfg.mixed_precision,
+            "ss_gradient_checkpointing": str(cfg.gradient_checkpointing),
+            "ss_gradient_accumulation_steps": str(cfg.gradient_accumulation_steps), "ss_max_train_steps": str(cfg.max_train_steps),
+            "ss_timestep_sampling": cfg.timestep_sampling, "ss_weighting_scheme": cfg.weighting_scheme,
+            "ss_sigmoid_scale": str(cfg.sigmoid_scale), "ss_discrete_flow_shift": str(cfg.discrete_flow_shift),
+            "ss_logit_mean": str(cfg.logit_mean), "ss_logit_std": str(cfg.logit_std), "ss_mode_scale": str(cfg.mode_scale),
+            "ss_seed": str(trainer.seed), "ss_steps": str(pos.step), "ss_epoch": str(pos.epoch),
+            "ss_sd_model_name": Path(cfg.dit or cfg.model or "").name, "ss_training_finished_at": str(time.time()),
+            "ss_num_lora_modules": str(len(network.paths)), "flowtuner_version": trainer.version,
+        })
+    return meta
+
+
+class Saver:
+    def __init__(self, trainer, module, network, denoiser, optimizer, schedule, gen):
+        self.t, self.module, self.network, self.denoiser = trainer, module, network, denoiser
+        self.optimizer, self.schedule, self.gen = optimizer, schedule, gen
+        self.out = trainer.out
+
+    def _weights(self, stem: str, pos) -> Path:
+        path = self.out / f"{stem}.safetensors"
+        if self.network is not None:
+            write_lora_file(self.network.weights(), path, self.t.cfg.save_format, lora_metadata(self.t, pos, self.network))
+        else:
+            state = {k: v.detach().to(torch.bfloat16).cpu() for k, v in self.denoiser.module.state_dict().items()}
+            atomic_save_safetensors(state, path, {"modelspec.architecture": self.t.family.modelspec_architecture,
+                                                  "ss_steps": str(pos.step)})
+        log.info("saved %s", path)
+        return path
+
+    def state_now(self, pos) -> dict:
+        gen_state, rng = pos.snapshot if pos.snapshot else (self.gen.get_state(), capture_rng())
+        return self.t.state(self.module, self.optimizer, self.schedule, gen_state, rng, pos)
+
+    def _state(self, stem: str, pos) -> Path:
+        return save_state(self.out / f"{stem}-state", self.state_now(pos))
+
+    def save_state_now(self, pos, tag: str) -> Path:
+        return self._state(f"{self.t.cfg.output_name}-{tag}", pos)
+
+    def _prune(self, pattern: str, keep_from: int) -> None:
+        for path in self.out.glob(f"{self.t.cfg.output_name}-*"):
+            m = re.fullmatch(pattern, path.name.removeprefix(self.t.cfg.output_name + "-"))
+            if m and int(m.group(1)) < keep_from:
+                if path.is_dir():
+                    import shutil
+
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+
+    def save_step(self, pos) -> None:
+        cfg = self.t.cfg
+        stem = f"{cfg.output_name}-step{pos.step:08d}"
+        self._weights(stem, pos)
+        if cfg.save_state:
+            self._state(stem, pos)
+        if cfg.save_last_n_steps:
+            self._prune(r"step(\d{8})(-state)?(\.safetensors)?", pos.step - cfg.save_last_n_steps + 1)
+        self.t.write_curves(pos)
+
+    def save_epoch(self, pos) -> None:
+        cfg = self.t.cfg
+        stem = f"{cfg.output_name}-{pos.epoch:06d}"
+        self._weights(stem, pos)
+        if cfg.save_state:
+            self._state(stem, pos)
+        if cfg.save_last_n_epochs:
+            self._prune(r"(\d{6})(-state)?(\.safetensors)?", pos.epoch - cfg.save_last_n_epochs + 1)
+
+    def save_final(self, pos) -> Path:
+        path = self._weights(self.t.cfg.output_name, pos)
+        if self.t.cfg.save_state_on_train_end:
+            self._state(self.t.cfg.output_name, pos)
+        self.t.write_curves(pos)
+        return path
+
+
+class Tracker:
+    """Optional TensorBoard logging and the validation schedule."""
+
+    def __init__(self, cfg, out: Path, validator=None):
+        self.cfg, self.writer, self.validator = cfg, None, validator
+        self.sigmas: list[float] = []
+        self.val_history: list[tuple[int, float]] = []
+        if cfg.log_with == "tensorboard":
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ConfigError("--log_with tensorboard needs the tensorboard package (pip install tensorboard).") from None
+            self.writer = SummaryWriter(cfg.logging_dir or str(out / "logs"))
+
+    def log(self, step: int, scalars: dict, sigma: torch.Tensor) -> None:
+        if self.writer is None:
+            return
+        for k, v in scalars.items():
+            self.writer.add_scalar(k, v, step)
+        self.sigmas += sigma.tolist()
+        if len(self.sigmas) >= 256:
+            self.writer.add_histogram("timesteps/sigma", torch.tensor(self.sigmas), step)
+            self.sigmas.clear()
+
+    def due(self, step: int) -> bool:
+        every = self.cfg.validate_every_n_steps or self.cfg.save_every_n_steps
+        return bool(every) and step % every == 0
+
+    def validate(self, step: int, trainer, module) -> float:
+        value = self.validator(module)
+        self.val_history.append((step, value))
+        log.info("step %d: validation loss %.5f", step, value)
+        if self.writer is not None:
+            self.writer.add_scalar("validation/loss", value, step)
+        return value
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+class Validator:
+    """Loss on cached validation data at fixed noise and fixed stratified sigmas: comparable between
+    runs and steps (random timesteps would make the curve mostly noise). Unweighted MSE."""
+
+    def __init__(self, trainer, denoiser, data, plan, device, timesteps: int):
+        self.t, self.denoiser, self.data, self.plan = trainer, denoiser, data, plan
+        self.device, self.sigmas = device, [(k + 0.5) / timesteps for k in range(timesteps)]
+
+    @torch.no_grad()
+    def __call__(self, module) -> float:
+        from flowtuner.data.loader import make_loader
+
+        total, count = 0.0, 0
+        for i, batch in enumerate(make_loader(self.data, self.plan, epoch=0)):
+            x0, geometry = self.denoiser.from_latents(batch["latents"].to(torch.float32))
+            noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1_000_003 + i))
+            x0, noise = x0.to(self.device), noise.to(self.device)
+            mask = batch["mask"].to(self.device)
+            for s in self.sigmas:
+                sigma = torch.full((x0.shape[0],), s, device=self.device)
+                v = module(noisy(x0, noise, s), sigma, batch["embeds"].to(self.device), None if bool(mask.all()) else mask, geometry)
+                total += ((v.float() - velocity_target(x0, noise)) ** 2).mean().item() * x0.shape[0]
+                count += x0.shape[0]
+        return total / max(1, count)
+

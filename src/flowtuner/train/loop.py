@@ -1,0 +1,308 @@
+"""The training loop, shared by LoRA (`flowtuner train`) and full fine-tuning (`flowtuner finetune`).
+
+Objective: x_t = (1 - sigma) x0 + sigma eps, target eps - x0, MSE (optionally weighted by sigma); the
+model is conditioned on exactly the sigma used to mix the noise.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from flowtuner import __version__
+from flowtuner.config.train import TrainConfig
+from flowtuner.data.config import load_dataset_config
+from flowtuner.data.loader import BatchPlan, CacheDataset, make_loader, scan_caches
+from flowtuner.errors import ConfigError, FlowtunerError
+from flowtuner.families import get_family
+from flowtuner.families.base import Conditioning, Denoiser, LatentGeometry
+from flowtuner.flow.convention import noisy, velocity_target
+from flowtuner.flow.timesteps import TimestepOptions, check_options, sample_sigmas
+from flowtuner.flow.weighting import WEIGHTINGS
+from flowtuner.generate import pick_device, release_cache
+from flowtuner.train import checkpoints, previews
+from flowtuner.train.lora import LoRANetwork, select_modules
+from flowtuner.train.optim import make_optimizer, make_schedule, parse_kv
+from flowtuner.train.state import capture_rng, load_state, restore_rng, save_state
+
+log = logging.getLogger(__name__)
+NETWORK_ALIASES = {"lora", "networks.lora_qwen_image", "networks.lora"}
+
+
+class TrainModule(nn.Module):
+    """What accelerate wraps: trainable parameters plus a forward that runs the denoiser. For LoRA only
+    the network is a submodule (a DDP wrapper then holds the LoRA, not the frozen base model)."""
+
+    def __init__(self, denoiser: Denoiser, network: LoRANetwork | None):
+        super().__init__()
+        self._denoiser = [denoiser]
+        if network is not None:
+            self.network = network
+        else:
+            self.model = denoiser.module
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, embeds: torch.Tensor, mask: torch.Tensor | None,
+                geometry: LatentGeometry) -> torch.Tensor:
+        return self._denoiser[0].predict(x, sigma, Conditioning(embeds, mask), geometry)
+
+
+@dataclass
+class Position:
+    """Where the run is: optimizer steps done, epoch, next batch index within the epoch."""
+
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0
+    history: list = field(default_factory=list)  # (step, loss) for the loss curve
+    snapshot: tuple | None = None  # (noise generator state, RNG states) at this position
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, full: bool = False):
+        self.cfg, self.full = cfg, full
+        self.family = get_family("qwen_image")
+        self.opts = TimestepOptions(cfg.sigmoid_scale, cfg.discrete_flow_shift, cfg.logit_mean, cfg.logit_std,
+                                    cfg.min_timestep, cfg.max_timestep, cfg.preserve_distribution_shape)
+        check_options(cfg.timestep_sampling, self.opts)
+        self.weight_opts = {"logit_mean": cfg.logit_mean or 0.0, "logit_std": cfg.logit_std or 1.0, "mode_scale": cfg.mode_scale}
+        if not full and cfg.network_module not in NETWORK_ALIASES:
+            raise ConfigError(f"--network_module {cfg.network_module}: unknown; use lora (networks.lora_qwen_image is accepted).")
+        self.seed = cfg.seed if cfg.seed is not None else random.randrange(2**31)
+        self.out = Path(cfg.output_dir)
+        self.version = __version__
+        self.resumed = load_state(Path(cfg.resume)) if cfg.resume else None
+        if self.resumed is not None:
+            self.seed = self.resumed["seed"]  # the data order depends on it
+
+    def show_timesteps(self, path: str) -> Path:
+        """A histogram of 100k training sigmas (at the first dataset's resolution, else 1024x1024) with
+        the loss weighting drawn over it (scaled to the same height)."""
+        from flowtuner.plots import histogram
+
+        res = load_dataset_config(self.cfg.dataset_config)[0].resolution if self.cfg.dataset_config else (1024, 1024)
+        tokens = (res[0] // self.family.size_step) * (res[1] // self.family.size_step)
+        sigmas = sample_sigmas(self.cfg.timestep_sampling, 100_000, torch.Generator().manual_seed(self.seed), self.opts, tokens)
+        grid = torch.linspace(0.005, 0.995, 199)
+        weights = WEIGHTINGS[self.cfg.weighting_scheme](grid, self.weight_opts)
+        hist = torch.histc(sigmas, 50, 0, 1) / len(sigmas) * 50
+        overlay = (grid.tolist(), (weights / weights.max() * hist.max()).tolist())
+        title = f"{self.cfg.timestep_sampling} at {res[0]}x{res[1]} ({tokens} tokens); red: {self.cfg.weighting_scheme} weighting"
+        return histogram(sigmas.tolist(), path, title, overlay=overlay, xlabel="sigma")
+
+    # ---------------------------------------------------------------- setup
+    def _data(self):
+        if not self.cfg.dataset_config:
+            raise ConfigError("no --dataset_config given.")
+        datasets = load_dataset_config(self.cfg.dataset_config)
+        items = scan_caches(datasets, self.family)
+        return CacheDataset(items), BatchPlan(items, datasets, self.seed)
+
+    def _total_steps(self, plan: BatchPlan) -> int:
+        if self.cfg.max_train_epochs:
+            return math.ceil(len(plan) * self.cfg.max_train_epochs / self.cfg.gradient_accumulation_steps)
+        return self.cfg.max_train_steps
+
+    def _network(self, denoiser: Denoiser) -> LoRANetwork | None:
+        if self.full:
+            denoiser.module.requires_grad_(True)
+            return None
+        args = parse_kv(self.cfg.network_args, "--network_args")
+        unknown = set(args) - {"include_patterns", "exclude_patterns"}
+        if unknown:
+            raise ConfigError(f"--network_args: unknown key {sorted(unknown)[0]!r}; valid: include_patterns, exclude_patterns.")
+        model = denoiser.module
+        paths = select_modules(model, self.family.lora_default_targets(model), list(args.get("include_patterns", [])),
+                               list(args.get("exclude_patterns", [])))
+        network = LoRANetwork(model, paths, self.cfg.network_dim, self.cfg.network_alpha, self.cfg.network_dropout)
+        if self.cfg.network_weights:
+            from flowtuner.train.lora_formats import read_lora_file
+
+            weights = read_lora_file(self.cfg.network_weights, list(self.family.lora_block_modules),
+                                     list(self.family.lora_stem_modules))
+            network.load_weights(weights, self.cfg.network_weights)
+        return network.to(next(model.parameters()).device).attach()
+
+    # ---------------------------------------------------------------- one step
+    def loss(self, module: nn.Module, denoiser: Denoiser, batch: dict, gen: torch.Generator, device) -> tuple[torch.Tensor, torch.Tensor]:
+        x0, geometry = denoiser.from_latents(batch["latents"].to(torch.float32))
+        noise = torch.randn(x0.shape, generator=gen)
+        sigma = sample_sigmas(self.cfg.timestep_sampling, x0.shape[0], gen, self.opts, geometry.image_tokens)
+        x0, noise, sigma_d = x0.to(device), noise.to(device), sigma.to(device)
+        shape = (-1,) + (1,) * (x0.dim() - 1)
+        x_t = noisy(x0, noise, sigma_d.view(shape))
+        mask = batch["mask"].to(device)
+        v = module(x_t, sigma_d, batch["embeds"].to(device), None if bool(mask.all()) else mask, geometry)
+        per_sample = ((v.float() - velocity_target(x0, noise)) ** 2).flatten(1).mean(1)
+        weights = WEIGHTINGS[self.cfg.weighting_scheme](sigma_d, self.weight_opts)
+        return (weights * per_sample).mean(), sigma
+
+    # ---------------------------------------------------------------- run
+    def run(self) -> int:
+        cfg = self.cfg
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        set_seed(self.seed)  # LoRA init and dropout draw from the global generators
+        data, plan = self._data()
+        total = self._total_steps(plan)
+        paths = self.family.resolve_paths(dit=cfg.dit, vae=cfg.vae, text_encoder=cfg.text_encoder, tokenizer=cfg.tokenizer,
+                                          model=cfg.model, comfyui_dir=cfg.comfyui_dir)
+        jobs = previews.sample_jobs(cfg.sample_prompts, self.family.size_step) if cfg.sample_prompts else []
+        self.family.validate(paths, ("dit",) + (("text_encoder", "vae") if jobs else ()))
+        accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+                                  cpu=(cfg.device == "cpu") or (cfg.device is None and not torch.cuda.is_available()))
+        device = accelerator.device if cfg.device is None else pick_device(cfg.device)
+        conds = self._encode_samples(paths, jobs, device) if jobs else {}
+        denoiser = self.family.load_denoiser(paths, device, "sdpa" if cfg.sdpa else cfg.attn_mode)
+        if cfg.gradient_checkpointing:
+            denoiser.module.enable_gradient_checkpointing()
+        network = self._network(denoiser)
+        module = TrainModule(denoiser, network)
+        params = [p for p in module.parameters() if p.requires_grad]
+        optimizer = make_optimizer(cfg.optimizer_type, params, cfg.learning_rate, parse_kv(cfg.optimizer_args, "--optimizer_args"))
+        schedule = make_schedule(cfg.lr_scheduler, optimizer, total, cfg.lr_warmup_steps, cfg.lr_scheduler_min_lr_ratio)
+        module, optimizer = accelerator.prepare(module, optimizer)
+        gen = torch.Generator().manual_seed(self.seed)
+        pos = self._resume(module, optimizer, schedule, gen) if self.resumed else Position()
+        codec = self.family.load_codec(paths, device) if jobs else None
+        saver = checkpoints.Saver(self, module, network, denoiser, optimizer, schedule, gen)
+        tracker = checkpoints.Tracker(cfg, self.out, self._validator(denoiser, device))
+        self.tracker = tracker
+        sample = lambda tag: previews.write_samples(self.family, denoiser, codec, jobs, conds, self.out / "sample",  # noqa: E731
+                                                    cfg.output_name, tag) if jobs else None
+        if cfg.sample_at_first and pos.step == 0:
+            self._eval_mode(module, lambda: sample("000000"))
+        log.info("training %d steps (%d batches per epoch), seed %d", total, len(plan), self.seed)
+        smooth = deque(maxlen=50)
+        bar = tqdm(total=total, initial=pos.step, desc="training", unit="step")
+        last_good = Position(pos.step, pos.epoch, pos.batch, pos.history, (gen.get_state(), capture_rng()))
+        try:
+            while pos.step < total:
+                for batch in make_loader(data, plan, pos.epoch, pos.batch, cfg.max_data_loader_n_workers):
+                    pos.batch += 1
+                    with accelerator.accumulate(module):
+                        loss, sigma = self.loss(module, denoiser, batch, gen, device)
+                        if not torch.isfinite(loss):
+                            raise FlowtunerError(
+                                f"the loss became {loss.item()} at step {pos.step + 1} (items {', '.join(batch['keys'])}); "
+                                "stopped without updating the weights; the last saved checkpoint is intact. "
+                                "Lower --learning_rate or check those items.")
+                        accelerator.backward(loss)
+                        if accelerator.sync_gradients and cfg.max_grad_norm:
+                            accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+                    if not accelerator.sync_gradients:
+                        continue
+                    schedule.step()
+                    pos.step += 1
+                    value = loss.item()
+                    smooth.append(value)
+                    pos.history.append((pos.step, value))
+                    pos.snapshot = (gen.get_state(), capture_rng())
+                    last_good = Position(pos.step, pos.epoch, pos.batch, pos.history, pos.snapshot)
+                    lr = schedule.get_last_lr()[0]
+                    bar.set_postfix(loss=f"{sum(smooth) / len(smooth):.4f}", lr=f"{lr:.2e}")
+                    bar.update()
+                    tracker.log(pos.step, {"loss": value, "lr": lr}, sigma)
+                    self._every_step(pos, saver, tracker, sample, module)
+                    if pos.step >= total:
+                        break
+                else:
+                    pos.epoch, pos.batch = pos.epoch + 1, 0
+                    last_good = Position(pos.step, pos.epoch, 0, pos.history, pos.snapshot)
+                    self._every_epoch(pos, saver, sample, module)
+        except KeyboardInterrupt:
+            bar.close()
+            folder = saver.save_state_now(last_good, tag="interrupted")
+            print(f"interrupted: state saved to {folder}; continue with --resume {folder}")
+            raise
+        bar.close()
+        saver.save_final(pos)
+        tracker.close()
+        del denoiser, module, network
+        release_cache()
+        return 0
+
+    def _eval_mode(self, module: nn.Module, fn):
+        module.eval()
+        try:
+            return fn()
+        finally:
+            module.train()
+
+    def _every_step(self, pos: Position, saver, tracker, sample, module) -> None:
+        cfg = self.cfg
+        if cfg.save_every_n_steps and pos.step % cfg.save_every_n_steps == 0:
+            saver.save_step(pos)
+        if cfg.sample_every_n_steps and pos.step % cfg.sample_every_n_steps == 0:
+            self._eval_mode(module, lambda: sample(f"{pos.step:06d}"))
+        if tracker.validator and tracker.due(pos.step):
+            self._eval_mode(module, lambda: tracker.validate(pos.step, self, module))
+
+    def _every_epoch(self, pos: Position, saver, sample, module) -> None:
+        cfg = self.cfg
+        if cfg.save_every_n_epochs and pos.epoch % cfg.save_every_n_epochs == 0:
+            saver.save_epoch(pos)
+        if cfg.sample_every_n_epochs and pos.epoch % cfg.sample_every_n_epochs == 0:
+            self._eval_mode(module, lambda: sample(f"e{pos.epoch:06d}"))
+
+    def _encode_samples(self, paths, jobs, device) -> dict[str, Conditioning]:
+        encoder = self.family.load_text_encoder(paths, device)
+        texts = previews.prompts_of(jobs)
+        conds = dict(zip(texts, encoder.encode(texts)))
+        del encoder
+        release_cache()
+        return conds
+
+    def _resume(self, module, optimizer, schedule, gen) -> Position:
+        state, folder = self.resumed, self.cfg.resume
+        missing = set(module.state_dict()) - set(state["weights"])
+        if missing:
+            raise FlowtunerError(f"--resume {folder}: the saved weights do not match this run (e.g. {sorted(missing)[0]}).")
+        module.load_state_dict(state["weights"], strict=False)
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        gen.set_state(state["generator"])
+        restore_rng(state["rng"])
+        p = state["position"]
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", folder, p["step"], p["epoch"], p["batch"])
+        return Position(p["step"], p["epoch"], p["batch"], [tuple(h) for h in p["history"]],
+                        (state["generator"], state["rng"]))
+
+    def _validator(self, denoiser, device):
+        if not self.cfg.validation_dataset_config:
+            return None
+        datasets = load_dataset_config(self.cfg.validation_dataset_config)
+        items = scan_caches(datasets, self.family)
+        return checkpoints.Validator(self, denoiser, CacheDataset(items), BatchPlan(items, datasets, 0), device,
+                                     self.cfg.validation_timesteps)
+
+    def write_curves(self, pos: Position) -> None:
+        """output_dir/loss.png: training loss (raw and a 50-step mean) and the validation loss."""
+        from flowtuner.plots import line_plot
+
+        if not pos.history:
+            return
+        steps, losses = zip(*pos.history)
+        window = [sum(losses[max(0, i - 49): i + 1]) / len(losses[max(0, i - 49): i + 1]) for i in range(len(losses))]
+        series = {"loss": (steps, losses), "loss (50-step mean)": (steps, window)}
+        tracker = getattr(self, "tracker", None)
+        if tracker is not None and tracker.val_history:
+            series["validation"] = tuple(zip(*tracker.val_history))
+        line_plot(series, self.out / "loss.png", f"{self.cfg.output_name}: loss", "step", "loss")
+
+    def state(self, module, optimizer, schedule, gen_state, rng, pos: Position) -> dict:
+        return {"weights": dict(module.state_dict()), "optimizer": optimizer.state_dict(),
+                "schedule": schedule.state_dict(), "generator": gen_state, "rng": rng, "seed": self.seed,
+                "position": {"step": pos.step, "epoch": pos.epoch, "batch": pos.batch, "history": pos.history},
+                "version": __version__, "time": time.time()}

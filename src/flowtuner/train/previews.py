@@ -1,0 +1,40 @@
+"""Sample images during training, through the same sampling code as `flowtuner generate`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from flowtuner.config.prompt_lines import read_prompt_file
+from flowtuner.families.base import Conditioning, Denoiser, Family, ImageCodec
+from flowtuner.generate import Job, check_size, sample_job
+from flowtuner.outputs import save_png
+
+# musubi-tuner's sample defaults, except the flow shift: the model's dynamic shift, not a fixed 14.5
+SAMPLE_DEFAULTS = dict(height=256, width=256, steps=20, guidance_scale=4.0, flow_shift=None, negative_prompt=" ", seed=42)
+
+
+def sample_jobs(path: str | Path, size_step: int) -> list[Job]:
+    jobs = []
+    for i, (prompt, overrides) in enumerate(read_prompt_file(path)):
+        job = Job(prompt=prompt, **{**SAMPLE_DEFAULTS, "seed": SAMPLE_DEFAULTS["seed"] + i, **overrides})
+        check_size(job.height, job.width, size_step, f"{path}: line {i + 1}: --h/--w")
+        jobs.append(job)
+    return jobs
+
+
+def prompts_of(jobs: list[Job]) -> list[str]:
+    texts = [j.prompt for j in jobs] + [j.negative_prompt for j in jobs if j.guidance_scale > 1]
+    return list(dict.fromkeys(texts))
+
+
+def write_samples(family: Family, denoiser: Denoiser, codec: ImageCodec, jobs: list[Job],
+                  conds: dict[str, Conditioning], folder: Path, name: str, tag: str) -> list[Path]:
+    out = []
+    for i, job in enumerate(jobs):
+        for _, seed, latent in sample_job(denoiser, family, job, conds):
+            image = codec.decode(latent)[0]
+            params = {**{k: v for k, v in vars(job).items() if k != "num_images"}, "seed": seed, "sampler": job.sampler}
+            out.append(save_png(image, folder, params, stem=f"{name}_{tag}_{i:02d}_{seed}"))
+    return out

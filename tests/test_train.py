@@ -1,0 +1,142 @@
+"""flowtuner train: exact resume, Ctrl-C, non-finite loss, config files, previews through the generate
+code, validation, and LoRAs that diffusers loads."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from flowtuner.cli import main
+from flowtuner.errors import FlowtunerError
+from tests.datasets import good_dataset
+
+
+@pytest.fixture(scope="module")
+def cached(tmp_path_factory, tiny_files):
+    root = tmp_path_factory.mktemp("train")
+    cfg = good_dataset(root, sizes=[(64, 64)] * 3 + [(96, 64)] * 3)
+    for kind in ("latents", "text"):
+        assert main([f"cache-{kind}", "--dataset_config", str(cfg), "--model", str(tiny_files["repo"]), "--device", "cpu"]) == 0
+    return cfg
+
+
+def train(cached, tiny_files, out, *extra, command="train"):
+    return main([command, "--dataset_config", str(cached), "--model", str(tiny_files["repo"]), "--device", "cpu",
+                 "--output_dir", str(out), "--seed", "3", "--max_data_loader_n_workers", "0", *extra])
+
+
+RESUME_ARGS = ("--max_train_steps", "20", "--gradient_accumulation_steps", "2", "--network_dropout", "0.1",
+               "--lr_scheduler", "cosine", "--lr_warmup_steps", "0.2", "--learning_rate", "1e-3", "--network_dim", "2")
+
+
+def weights(path):
+    return load_file(str(path))
+
+
+def test_resume_is_bit_identical(tmp_path, cached, tiny_files):
+    assert train(cached, tiny_files, tmp_path / "straight", *RESUME_ARGS) == 0
+    assert train(cached, tiny_files, tmp_path / "first", *RESUME_ARGS, "--save_every_n_steps", "10", "--save_state") == 0
+    state = tmp_path / "first" / "lora-step00000010-state"
+    assert train(cached, tiny_files, tmp_path / "resumed", *RESUME_ARGS, "--resume", str(state)) == 0
+    a, b = weights(tmp_path / "straight/lora.safetensors"), weights(tmp_path / "resumed/lora.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(a[k].abs().sum() > 0 for k in a if "lora_up" in k)  # it trained
+
+
+def test_ctrl_c_saves_a_state_that_resumes_exactly(tmp_path, cached, tiny_files, monkeypatch):
+    from flowtuner.train import loop
+
+    assert train(cached, tiny_files, tmp_path / "straight", *RESUME_ARGS) == 0
+    original, calls = loop.Trainer.loss, {"n": 0}
+
+    def interrupted(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 15:  # mid-way through the accumulation of step 8
+            raise KeyboardInterrupt
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(loop.Trainer, "loss", interrupted)
+    assert train(cached, tiny_files, tmp_path / "cut", *RESUME_ARGS) == 130
+    monkeypatch.setattr(loop.Trainer, "loss", original)
+    state = tmp_path / "cut" / "lora-interrupted-state"
+    assert state.is_dir()
+    assert train(cached, tiny_files, tmp_path / "cut", *RESUME_ARGS, "--resume", str(state)) == 0
+    a, b = weights(tmp_path / "straight/lora.safetensors"), weights(tmp_path / "cut/lora.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, cached, tiny_files, monkeypatch, capsys):
+    from flowtuner.data import loader
+
+    original, calls = loader.CacheDataset.__getitem__, {"n": 0}
+
+    def poisoned(self, batch):
+        out = original(self, batch)
+        calls["n"] += 1
+        if calls["n"] == 4:
+            out["latents"] = out["latents"] * float("nan")
+        return out
+
+    monkeypatch.setattr(loader.CacheDataset, "__getitem__", poisoned)
+    rc = train(cached, tiny_files, tmp_path, "--max_train_steps", "6", "--save_every_n_steps", "2")
+    err = capsys.readouterr().err
+    assert rc == 2 and "the loss became nan at step 4" in err and "last saved checkpoint is intact" in err
+    saved = weights(tmp_path / "lora-step00000002.safetensors")
+    assert all(torch.isfinite(v).all() for v in saved.values())
+    assert not (tmp_path / "lora.safetensors").exists()
+
+
+def test_config_file_flags_override_and_patterns(tmp_path, cached, tiny_files):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text('[model]\nnetwork_dim = 3\nnetwork-alpha = 3.0\n[training]\nmax_train_steps = 2\nlearning_rate = 0.5\n'
+                   'network_args = ["exclude_patterns=[\'.*attn.*\']"]\nnetwork_module = "networks.lora_qwen_image"\n')
+    assert train(cached, tiny_files, tmp_path / "o", "--config_file", str(cfg), "--network_dim", "5") == 0
+    w = weights(tmp_path / "o/lora.safetensors")
+    down = [v for k, v in w.items() if k.endswith("lora_down.weight")]
+    assert {d.shape[0] for d in down} == {5}  # the flag beats the file
+    assert not any("attn" in k for k in w) and len(down) == 2 * 4  # 4 MLP Linears per block, attention excluded
+    assert float(w[next(k for k in w if k.endswith(".alpha"))]) == 3.0
+
+
+def test_bad_options_are_one_line_errors(tmp_path, cached, tiny_files, capsys):
+    for extra, message in ((("--network_module", "lycoris.kohya"), "--network_module lycoris.kohya: unknown"),
+                           (("--discrete_flow_shift", "2.2"), "has no effect with --timestep_sampling qwen_shift"),
+                           (("--log_with", "tensorboard"), "needs the tensorboard package"),
+                           (("--optimizer_type", "NoSuchOpt"), "--optimizer_type NoSuchOpt: unknown")):
+        if extra[0] == "--log_with" and importlib.util.find_spec("tensorboard") is not None:
+            continue  # installed here: nothing to refuse
+        rc = train(cached, tiny_files, tmp_path, "--max_train_steps", "1", *extra)
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and message in err and "\n" not in err, err
+
+
+def test_show_timesteps_writes_a_png(tmp_path, cached, tiny_files):
+    out = tmp_path / "t.png"
+    assert train(cached, tiny_files, tmp_path, "--show_timesteps", str(out), "--weighting_scheme", "cosmap") == 0
+    assert Image.open(out).size == (800, 500)
+
+
+def test_samples_use_the_generate_code_and_validation_is_repeatable(tmp_path, cached, tiny_files):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle --w 64 --h 64 --s 3 --d 9\n")
+    out = tmp_path / "run"
+    assert train(cached, tiny_files, out, "--max_train_steps", "4", "--learning_rate", "0.05", "--save_every_n_steps", "4",
+                 "--sample_prompts", str(prompts), "--sample_every_n_steps", "4", "--sample_at_first",
+                 "--validation_dataset_config", str(cached)) == 0
+    samples = sorted(p.name for p in (out / "sample").glob("*.png"))
+    assert samples == ["lora_000000_00_9.png", "lora_000004_00_9.png"]
+    gen = tmp_path / "gen"
+    assert main(["generate", "--model", str(tiny_files["repo"]), "--lora_weight", str(out / "lora-step00000004.safetensors"),
+                 "--prompt", "a red circle", "--image_size", "64", "64", "--infer_steps", "3", "--seed", "9",
+                 "--save_path", str(gen), "--device", "cpu"]) == 0
+    import numpy as np
+
+    a = np.asarray(Image.open(out / "sample" / samples[1])).astype(int)
+    b = np.asarray(Image.open(next(gen.glob("*.png")))).astype(int)
+    assert np.abs(a - b).max() <= 1
+    assert (out / "loss.png").exists()
