@@ -48,3 +48,4 @@ def tiny_files(tiny_models, qwen_tokenizer_dir, tmp_path_factory):
     tok = root / "tokenizer"
     shutil.copytree(qwen_tokenizer_dir, tok)
     return {"repo": repo, "comfy": comfy, "tokenizer": tok}
+

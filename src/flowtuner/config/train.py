@@ -54,6 +54,12 @@ class TrainConfig:
     lr_scheduler: str = opt("constant", "constant, constant_with_warmup, linear, cosine, cosine_with_min_lr")
     lr_warmup_steps: float = opt(0, "warmup: steps, or a fraction of the run when < 1")
     lr_scheduler_min_lr_ratio: float = opt(0.0, "cosine_with_min_lr: final lr as a fraction of --learning_rate")
+    # full fine-tuning
+    full_bf16: bool = opt(False, "finetune: keep the DiT weights in bf16 (needs --mixed_precision bf16); Adafactor rounds them stochastically")
+    fused_backward_pass: bool = opt(False, "finetune with Adafactor: update each weight inside backward (gradients never coexist)")
+    mem_eff_save: bool = opt(False, "write saved models tensor by tensor (peak extra RAM: one tensor)")
+    save_precision: str | None = opt(help="dtype of saved weights (default: fp32 for LoRA, bf16 for full models)",
+                                     choices=("fp32", "float", "fp16", "bf16"))
     # saving and resuming
     output_dir: str = opt("output", "where LoRAs, states and samples go")
     output_name: str = opt("lora", "file name stem of saved weights")

@@ -15,6 +15,9 @@ from flowtuner.flow.convention import noisy, velocity_target
 from flowtuner.train.lora_formats import write_lora_file
 from flowtuner.train.state import capture_rng, save_state
 from flowtuner.weights import atomic_save_safetensors
+from flowtuner.weights.writer import stream_save_safetensors
+
+SAVE_DTYPES = {"fp32": torch.float32, "float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 log = logging.getLogger(__name__)
 
@@ -54,13 +57,19 @@ class Saver:
         self.out = trainer.out
 
     def _weights(self, stem: str, pos) -> Path:
+        cfg = self.t.cfg
         path = self.out / f"{stem}.safetensors"
+        dtype = SAVE_DTYPES.get(cfg.save_precision, torch.float32 if self.network is not None else torch.bfloat16)
         if self.network is not None:
-            write_lora_file(self.network.weights(), path, self.t.cfg.save_format, lora_metadata(self.t, pos, self.network))
+            write_lora_file(self.network.weights(), path, cfg.save_format, lora_metadata(self.t, pos, self.network), dtype)
         else:
-            state = {k: v.detach().to(torch.bfloat16).cpu() for k, v in self.denoiser.module.state_dict().items()}
-            atomic_save_safetensors(state, path, {"modelspec.architecture": self.t.family.modelspec_architecture,
-                                                  "ss_steps": str(pos.step)})
+            meta = {"modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": self.t.family.modelspec_architecture,
+                    "modelspec.title": cfg.output_name, "ss_steps": str(pos.step)}
+            state = self.denoiser.module.state_dict()
+            if cfg.mem_eff_save:
+                stream_save_safetensors(state, path, meta, dtype)
+            else:
+                atomic_save_safetensors({k: v.detach().to(dtype).cpu() for k, v in state.items()}, path, meta)
         log.info("saved %s", path)
         return path
 

@@ -113,8 +113,14 @@ class Trainer:
 
     def _network(self, denoiser: Denoiser) -> LoRANetwork | None:
         if self.full:
-            denoiser.module.requires_grad_(True)
+            if self.cfg.full_bf16 and self.cfg.mixed_precision != "bf16":
+                raise ConfigError("--full_bf16 needs --mixed_precision bf16.")
+            # full fine-tuning keeps fp32 master weights unless --full_bf16
+            # nn.Module.to, not diffusers' override, which warns about fp32-only modules Qwen-Image does not have
+            nn.Module.to(denoiser.module, torch.bfloat16 if self.cfg.full_bf16 else torch.float32).requires_grad_(True)
             return None
+        if self.cfg.full_bf16 or self.cfg.fused_backward_pass:
+            raise ConfigError("--full_bf16 and --fused_backward_pass are for `flowtuner finetune`, not LoRA training.")
         args = parse_kv(self.cfg.network_args, "--network_args")
         unknown = set(args) - {"include_patterns", "exclude_patterns"}
         if unknown:
@@ -147,6 +153,16 @@ class Trainer:
 
     # ---------------------------------------------------------------- run
     def run(self) -> int:
+        try:
+            return self._run()
+        finally:
+            # accelerate keeps one state per process and refuses a second run with other settings (a demo,
+            # a notebook or the tests train several times in one process)
+            from accelerate.state import AcceleratorState
+
+            AcceleratorState._reset_state(reset_partial_state=True)
+
+    def _run(self) -> int:
         cfg = self.cfg
         from accelerate import Accelerator
         from accelerate.utils import set_seed
@@ -170,6 +186,7 @@ class Trainer:
         params = [p for p in module.parameters() if p.requires_grad]
         optimizer = make_optimizer(cfg.optimizer_type, params, cfg.learning_rate, parse_kv(cfg.optimizer_args, "--optimizer_args"))
         schedule = make_schedule(cfg.lr_scheduler, optimizer, total, cfg.lr_warmup_steps, cfg.lr_scheduler_min_lr_ratio)
+        fused = self._fused(optimizer, params)
         module, optimizer = accelerator.prepare(module, optimizer)
         gen = torch.Generator().manual_seed(self.seed)
         pos = self._resume(module, optimizer, schedule, gen) if self.resumed else Position()
@@ -196,10 +213,10 @@ class Trainer:
                                 f"the loss became {loss.item()} at step {pos.step + 1} (items {', '.join(batch['keys'])}); "
                                 "stopped without updating the weights; the last saved checkpoint is intact. "
                                 "Lower --learning_rate or check those items.")
-                        accelerator.backward(loss)
-                        if accelerator.sync_gradients and cfg.max_grad_norm:
+                        accelerator.backward(loss)  # with --fused_backward_pass the weights update in here
+                        if accelerator.sync_gradients and cfg.max_grad_norm and not fused:
                             accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-                        optimizer.step()
+                        optimizer.step()  # a no-op after a fused backward: every gradient is already used and freed
                         optimizer.zero_grad(set_to_none=True)
                     if not accelerator.sync_gradients:
                         continue
@@ -232,6 +249,21 @@ class Trainer:
         del denoiser, module, network
         release_cache()
         return 0
+
+    def _fused(self, optimizer, params):
+        cfg = self.cfg
+        if not cfg.fused_backward_pass:
+            return None
+        from flowtuner.train.adafactor import Adafactor, FusedBackward
+
+        if not isinstance(optimizer, Adafactor):
+            raise ConfigError("--fused_backward_pass needs --optimizer_type adafactor.")
+        if cfg.max_grad_norm:
+            raise ConfigError("--fused_backward_pass updates each weight as soon as its gradient exists, so no global "
+                              "gradient norm can be clipped; add --max_grad_norm 0.")
+        if cfg.gradient_accumulation_steps > 1:
+            raise ConfigError("--fused_backward_pass frees each gradient after its update; use --gradient_accumulation_steps 1.")
+        return FusedBackward(optimizer, params)
 
     def _eval_mode(self, module: nn.Module, fn):
         module.eval()

@@ -35,11 +35,10 @@ def _adamw8bit(params, **kw):
 
 
 def _adafactor(params, **kw):
-    from transformers.optimization import Adafactor
+    """flowtuner's Adafactor (same algorithm as transformers', plus stochastic rounding of bf16 weights and
+    per-parameter steps for --fused_backward_pass)."""
+    from flowtuner.train.adafactor import Adafactor
 
-    kw.setdefault("relative_step", False)
-    kw.setdefault("scale_parameter", False)
-    kw.setdefault("warmup_init", False)
     return Adafactor(params, **kw)
 
 

@@ -75,8 +75,14 @@ class QwenImageDenoiser(Denoiser):
     def __init__(self, dit, info: DiTInfo | None = None):
         self.dit = self.module = dit
         self.info = info
-        param = next(dit.parameters())
-        self.dtype, self.device = param.dtype, param.device
+
+    @property
+    def dtype(self) -> torch.dtype:  # read each time: full fine-tuning recasts the model
+        return next(self.dit.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.dit.parameters()).device
 
     def geometry(self, height: int, width: int) -> LatentGeometry:
         h, w = height // VAE_FACTOR, width // VAE_FACTOR
