@@ -140,3 +140,25 @@ def test_samples_use_the_generate_code_and_validation_is_repeatable(tmp_path, ca
     b = np.asarray(Image.open(next(gen.glob("*.png")))).astype(int)
     assert np.abs(a - b).max() <= 1
     assert (out / "loss.png").exists()
+
+
+def test_save_cadence_pruning_continue_and_convert(tmp_path, cached, tiny_files, capsys):
+    out = tmp_path / "run"
+    assert train(cached, tiny_files, out, "--max_train_steps", "6", "--save_every_n_steps", "2", "--save_last_n_steps", "3",
+                 "--save_every_n_epochs", "1", "--learning_rate", "0.01", "--save_format", "comfyui") == 0
+    names = sorted(p.name for p in out.glob("*.safetensors"))
+    # 4 batches per epoch (buckets of 3 + 3 items, batch 2): epoch 1 ends at step 4; step 2 is pruned
+    assert names == ["lora-000001.safetensors", "lora-step00000004.safetensors", "lora-step00000006.safetensors",
+                     "lora.safetensors"]
+    first = load_file(out / "lora.safetensors")
+    assert all(k.startswith("diffusion_model.") for k in first)
+    # continue from it: the first step starts from those weights
+    assert train(cached, tiny_files, tmp_path / "more", "--max_train_steps", "1", "--learning_rate", "0",
+                 "--network_weights", str(out / "lora.safetensors")) == 0
+    more = load_file(tmp_path / "more/lora.safetensors")
+    ups = lambda sd: sorted(v.float().sum().item() for k, v in sd.items() if "lora_B" in k or "lora_up" in k)  # noqa: E731
+    assert ups(more) == pytest.approx(ups(first), abs=1e-6)
+    assert main(["convert-lora", str(out / "lora.safetensors"), str(tmp_path / "k.safetensors"), "--format", "kohya"]) == 0
+    assert "24 modules, kohya layout" in capsys.readouterr().out
+    kohya = load_file(tmp_path / "k.safetensors")
+    assert all(k.startswith("lora_unet_transformer_blocks_") for k in kohya)

@@ -66,6 +66,28 @@ class Position:
     snapshot: tuple | None = None  # (noise generator state, RNG states) at this position
 
 
+class StepClock:
+    """Wall time per phase of the loop (data, forward, backward, optimizer, other); on CUDA each lap waits
+    for the GPU so the time lands in the phase that spent it."""
+
+    def __init__(self, device):
+        self.cuda = torch.device(device).type == "cuda"
+        self.totals: dict[str, float] = {}
+        self.steps = 0
+        self.mark = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        self.totals[phase] = self.totals.get(phase, 0.0) + now - self.mark
+        self.mark = now
+        self.steps += phase == "other"
+
+    def report(self) -> dict[str, float]:
+        return {k: v / max(1, self.steps) for k, v in self.totals.items()}
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, full: bool = False):
         self.cfg, self.full = cfg, full
@@ -200,24 +222,29 @@ class Trainer:
             self._eval_mode(module, lambda: sample("000000"))
         log.info("training %d steps (%d batches per epoch), seed %d", total, len(plan), self.seed)
         smooth = deque(maxlen=50)
+        clock = StepClock(device)
         bar = tqdm(total=total, initial=pos.step, desc="training", unit="step")
         last_good = Position(pos.step, pos.epoch, pos.batch, pos.history, (gen.get_state(), capture_rng()))
         try:
             while pos.step < total:
                 for batch in make_loader(data, plan, pos.epoch, pos.batch, cfg.max_data_loader_n_workers):
+                    clock.lap("data")
                     pos.batch += 1
                     with accelerator.accumulate(module):
                         loss, sigma = self.loss(module, denoiser, batch, gen, device)
+                        clock.lap("forward")
                         if not torch.isfinite(loss):
                             raise FlowtunerError(
                                 f"the loss became {loss.item()} at step {pos.step + 1} (items {', '.join(batch['keys'])}); "
                                 "stopped without updating the weights; the last saved checkpoint is intact. "
                                 "Lower --learning_rate or check those items.")
                         accelerator.backward(loss)  # with --fused_backward_pass the weights update in here
+                        clock.lap("backward")
                         if accelerator.sync_gradients and cfg.max_grad_norm and not fused:
                             accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
                         optimizer.step()  # a no-op after a fused backward: every gradient is already used and freed
                         optimizer.zero_grad(set_to_none=True)
+                        clock.lap("optimizer")
                     if not accelerator.sync_gradients:
                         continue
                     schedule.step()
@@ -231,10 +258,12 @@ class Trainer:
                     bar.set_postfix(loss=f"{sum(smooth) / len(smooth):.4f}", lr=f"{lr:.2e}")
                     bar.update()
                     tracker.log(pos.step, {"loss": value, "lr": lr}, sigma)
+                    clock.lap("other")
                     self._every_step(pos, saver, tracker, sample, module)
+                    clock.lap("saving/sampling")
                     if pos.step >= total:
                         break
-                else:
+                if pos.batch >= len(plan):  # the epoch is complete (also when its last batch ended the run)
                     pos.epoch, pos.batch = pos.epoch + 1, 0
                     last_good = Position(pos.step, pos.epoch, 0, pos.history, pos.snapshot)
                     self._every_epoch(pos, saver, sample, module)
@@ -244,6 +273,8 @@ class Trainer:
             print(f"interrupted: state saved to {folder}; continue with --resume {folder}")
             raise
         bar.close()
+        self.timings = clock.report()
+        log.info("time per step: %s", ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in self.timings.items()))
         saver.save_final(pos)
         tracker.close()
         del denoiser, module, network
