@@ -5,16 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from flowtuner.config.fields import opt
+from flowtuner.config.models import ModelFiles
 
 
 @dataclass
-class GenerateConfig:
-    dit: str | None = opt(help="DiT weights: .safetensors file (bare or model.diffusion_model. keys, bf16 / fp8 / fp8_scaled) or diffusers transformer/ folder")
-    vae: str | None = opt(help="VAE weights: diffusers or original Wan-2.1 layout, file or folder")
-    text_encoder: str | None = opt(help="Qwen2.5-VL weights: ComfyUI qwen_2.5_vl_7b.safetensors or a Hugging Face folder")
-    tokenizer: str | None = opt(help="tokenizer folder (vocab.json + merges.txt); by default searched near the model files, the HF cache and the ComfyUI install")
-    model: str | None = opt(help="Hugging Face repo root with transformer/, vae/, text_encoder/, tokenizer/; fills every slot not given")
-    comfyui_dir: str | None = opt(help="ComfyUI install: bare file names resolve in models/diffusion_models, models/text_encoders, models/vae (default: $COMFYUI_PATH)")
+class GenerateConfig(ModelFiles):
     prompt: str | None = opt(help="the prompt")
     negative_prompt: str | None = opt(help="negative prompt; default ' ' when guidance_scale > 1")
     image_size: list[int] = opt([1024, 1024], "image size as HEIGHT WIDTH (musubi-tuner order), multiples of 16", nargs=2, metavar=("H", "W"))

@@ -5,17 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from flowtuner.config.fields import opt
+from flowtuner.config.models import ModelFiles
 
 
 @dataclass
-class TrainConfig:
-    # models and data
-    dit: str | None = opt(help="DiT weights (any layout generate accepts)")
-    vae: str | None = opt(help="VAE weights: only for sample images")
-    text_encoder: str | None = opt(help="Qwen2.5-VL weights: only for sample prompts")
-    tokenizer: str | None = opt(help="tokenizer folder (default: searched)")
-    model: str | None = opt(help="Hugging Face repo root; fills the model slots not given")
-    comfyui_dir: str | None = opt(help="ComfyUI install where bare file names resolve (default: $COMFYUI_PATH)")
+class TrainConfig(ModelFiles):
+    # data (model files: ModelFiles; vae / text_encoder are only needed for sample images)
     dataset_config: str | None = opt(help="dataset config whose caches are trained on (musubi-tuner TOML / JSON)")
     config_file: str | None = opt(help="TOML file with any of these options (sections are flattened); flags override it")
     # run length and precision

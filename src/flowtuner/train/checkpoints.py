@@ -94,24 +94,22 @@ class Saver:
                 else:
                     path.unlink()
 
+    def _save(self, stem: str, pos, prune: str, keep_last: int | None, counter: int) -> None:
+        self._weights(stem, pos)
+        if self.t.cfg.save_state:
+            self._state(stem, pos)
+        if keep_last:
+            self._prune(prune, counter - keep_last + 1)
+        self.t.write_curves(pos)
+
     def save_step(self, pos) -> None:
         cfg = self.t.cfg
-        stem = f"{cfg.output_name}-step{pos.step:08d}"
-        self._weights(stem, pos)
-        if cfg.save_state:
-            self._state(stem, pos)
-        if cfg.save_last_n_steps:
-            self._prune(r"step(\d{8})(-state)?(\.safetensors)?", pos.step - cfg.save_last_n_steps + 1)
-        self.t.write_curves(pos)
+        self._save(f"{cfg.output_name}-step{pos.step:08d}", pos, r"step(\d{8})(-state)?(\.safetensors)?",
+                   cfg.save_last_n_steps, pos.step)
 
     def save_epoch(self, pos) -> None:
         cfg = self.t.cfg
-        stem = f"{cfg.output_name}-{pos.epoch:06d}"
-        self._weights(stem, pos)
-        if cfg.save_state:
-            self._state(stem, pos)
-        if cfg.save_last_n_epochs:
-            self._prune(r"(\d{6})(-state)?(\.safetensors)?", pos.epoch - cfg.save_last_n_epochs + 1)
+        self._save(f"{cfg.output_name}-{pos.epoch:06d}", pos, r"(\d{6})(-state)?(\.safetensors)?", cfg.save_last_n_epochs, pos.epoch)
 
     def save_final(self, pos) -> Path:
         path = self._weights(self.t.cfg.output_name, pos)
