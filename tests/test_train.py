@@ -162,3 +162,101 @@ def test_save_cadence_pruning_continue_and_convert(tmp_path, cached, tiny_files,
     assert "24 modules, kohya layout" in capsys.readouterr().out
     kohya = load_file(tmp_path / "k.safetensors")
     assert all(k.startswith("lora_unet_transformer_blocks_") for k in kohya)
+
+
+def test_trained_lora_loads_in_diffusers_with_the_same_image(tmp_path, cached, tiny_files, tiny_models, qwen_tokenizer):
+    import copy
+
+    from tests.reference import reference_pipeline, reference_run
+    from tests.test_generate_parity import PROMPT, run_cli
+
+    out = tmp_path / "run"
+    assert train(cached, tiny_files, out, "--max_train_steps", "6", "--learning_rate", "0.05", "--network_dim", "4",
+                 "--network_alpha", "4", "--network_args", "include_patterns=['.*_mod\\.1', 'img_in']") == 0
+    lora = out / "lora.safetensors"
+    pipe = reference_pipeline({**tiny_models, "dit": copy.deepcopy(tiny_models["dit"])}, qwen_tokenizer)
+    base, _ = reference_run(pipe, PROMPT, 64, 96, 4, 4.0, seed=5)
+    pipe.load_lora_weights(str(lora))
+    ref, _ = reference_run(pipe, PROMPT, 64, 96, 4, 4.0, seed=5)
+    assert (ref - base).abs().max() > 1e-3  # the trained LoRA changes the image
+    ours, _ = run_cli(tmp_path / "gen", "--model", str(tiny_files["repo"]), "--lora_weight", str(lora),
+                      height=64, width=96, cfg=4.0, seed=5)
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)
+
+
+def test_gradient_checkpointing_gives_the_same_weights(tmp_path, cached, tiny_files):
+    args = ("--max_train_steps", "3", "--learning_rate", "0.01")
+    assert train(cached, tiny_files, tmp_path / "a", *args) == 0
+    assert train(cached, tiny_files, tmp_path / "b", *args, "--gradient_checkpointing") == 0
+    a, b = weights(tmp_path / "a/lora.safetensors"), weights(tmp_path / "b/lora.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_tensorboard_logging(tmp_path, cached, tiny_files, monkeypatch):
+    """With a stand-in SummaryWriter (the tensorboard package is not a dependency)."""
+    import sys
+    import types
+
+    calls = []
+
+    class Writer:
+        def __init__(self, logdir):
+            calls.append(("init", logdir))
+
+        def add_scalar(self, tag, value, step):
+            calls.append((tag, step))
+
+        def add_histogram(self, tag, values, step):
+            calls.append((tag, step, len(values)))
+
+        def close(self):
+            calls.append(("close",))
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
+    assert train(cached, tiny_files, tmp_path, "--max_train_steps", "130", "--log_with", "tensorboard",
+                 "--validation_dataset_config", str(cached), "--validate_every_n_steps", "65") == 0
+    tags = {c[0] for c in calls}
+    assert {"init", "loss", "lr", "timesteps/sigma", "validation/loss", "close"} <= tags
+    assert calls[0] == ("init", str(tmp_path / "logs"))
+
+
+def test_validation_is_repeatable(tmp_path, cached, tiny_files):
+    from flowtuner.config.train import TrainConfig
+    from flowtuner.train.loop import Trainer, TrainModule
+
+    cfg = TrainConfig(dataset_config=str(cached), model=str(tiny_files["repo"]), device="cpu", output_dir=str(tmp_path),
+                      validation_dataset_config=str(cached), seed=0)
+    trainer = Trainer(cfg)
+    denoiser = trainer.family.load_denoiser(trainer.family.resolve_paths(model=tiny_files["repo"]), torch.device("cpu"))
+    module = TrainModule(denoiser, None)
+    validator = trainer._validator(denoiser, torch.device("cpu"))
+    first, second = validator(module), validator(module)
+    assert first == second and first > 0
+
+
+def test_lr_schedules_and_missing_optional_packages():
+    import importlib.util
+
+    from flowtuner.errors import ConfigError
+    from flowtuner.train.optim import make_optimizer, make_schedule
+
+    p = [torch.nn.Parameter(torch.zeros(1))]
+    # 4 steps, 2 of warmup: lr factor at steps 0..3
+    expected = {"constant": [1, 1, 1, 1], "constant_with_warmup": [0.5, 1, 1, 1], "linear": [0.5, 1, 1, 0.5],
+                "cosine": [0.5, 1, 1, 0.5], "cosine_with_min_lr": [0.5, 1, 1, 0.55]}
+    for name, lrs in expected.items():
+        opt = torch.optim.SGD(p, lr=1.0)
+        sched = make_schedule(name, opt, total=4, warmup=0 if name == "constant" else 2, min_ratio=0.1)
+        got = []
+        for _ in range(4):
+            got.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        assert got == pytest.approx(lrs, abs=1e-6), name
+    with pytest.raises(ConfigError, match="use constant_with_warmup"):
+        make_schedule("constant", torch.optim.SGD(p, lr=1.0), 4, 2, 0.0)
+    assert isinstance(make_optimizer("SGD", p, 0.1, {"momentum": 0.9}), torch.optim.SGD)
+    assert isinstance(make_optimizer("torch.optim.Adam", p, 0.1, {}), torch.optim.Adam)
+    if importlib.util.find_spec("bitsandbytes") is None:
+        with pytest.raises(ConfigError, match="adamw8bit needs bitsandbytes"):
+            make_optimizer("adamw8bit", p, 0.1, {})

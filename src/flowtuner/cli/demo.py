@@ -12,8 +12,8 @@ def register(sub) -> None:
                                    "the samples with a colour classifier. Exit code 1 when the score misses the goal.")
     p.add_argument("--output_dir", "--output-dir", default="demo_output", help="folder for everything the demo writes (replaced)")
     p.add_argument("--seed", type=int, default=0, help="seed for the data, the models and training")
-    p.add_argument("--train_steps", "--train-steps", type=int, default=1500, help="training steps")
-    p.add_argument("--vae_steps", "--vae-steps", type=int, default=300, help="steps of VAE reconstruction training")
+    p.add_argument("--train_steps", "--train-steps", type=int, default=3000, help="training steps")
+    p.add_argument("--vae_steps", "--vae-steps", type=int, default=1000, help="steps of VAE reconstruction training")
     p.set_defaults(handler=run)
 
 

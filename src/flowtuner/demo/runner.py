@@ -24,12 +24,12 @@ class DemoConfig:
     output_dir: Path
     seed: int = 0
     per_combination: int = 6
-    vae_steps: int = 300
-    train_steps: int = 1500
-    learning_rate: float = 5e-4
+    vae_steps: int = 1000
+    train_steps: int = 3000
+    learning_rate: float = 2e-3
     dit_layers: int = 2
     sample_steps: int = 20
-    samples_per_prompt: int = 2
+    samples_per_prompt: int = 4
 
 
 def _step(name: str, argv: list[str], allowed: tuple[int, ...] = (0,)) -> None:

@@ -139,7 +139,7 @@ class Tracker:
         for k, v in scalars.items():
             self.writer.add_scalar(k, v, step)
         self.sigmas += sigma.tolist()
-        if len(self.sigmas) >= 256:
+        if step % 100 == 0:  # one histogram of the sigmas drawn over the last 100 steps
             self.writer.add_histogram("timesteps/sigma", torch.tensor(self.sigmas), step)
             self.sigmas.clear()
 
