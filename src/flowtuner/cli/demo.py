@@ -13,7 +13,7 @@ def register(sub) -> None:
     p.add_argument("--output_dir", "--output-dir", default="demo_output", help="folder for everything the demo writes (replaced)")
     p.add_argument("--seed", type=int, default=0, help="seed for the data, the models and training")
     p.add_argument("--train_steps", "--train-steps", type=int, default=3000, help="training steps")
-    p.add_argument("--vae_steps", "--vae-steps", type=int, default=1000, help="steps of VAE reconstruction training")
+    p.add_argument("--vae_steps", "--vae-steps", type=int, default=1200, help="steps of VAE reconstruction training")
     p.set_defaults(handler=run)
 
 

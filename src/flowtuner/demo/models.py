@@ -92,6 +92,7 @@ def train_vae(folder: Path, images: list[Path], steps: int, seed: int) -> float:
                                  temperal_downsample=[False, True, True])
     data = _pixels(images)
     opt = torch.optim.Adam(vae.parameters(), lr=3e-3, betas=(0.9, 0.99))
+    decay = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps, eta_min=1e-4)
     gen = torch.Generator().manual_seed(seed)
     losses = []
     for _ in tqdm(range(steps), desc="training the demo VAE", unit="step"):
@@ -100,6 +101,7 @@ def train_vae(folder: Path, images: list[Path], steps: int, seed: int) -> float:
         loss.backward()
         opt.step()
         opt.zero_grad()
+        decay.step()
         losses.append(loss.item())
     with torch.no_grad():
         z = torch.cat([vae.encode(data[i : i + 32]).latent_dist.mode() for i in range(0, len(data), 32)])

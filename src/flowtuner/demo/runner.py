@@ -24,7 +24,7 @@ class DemoConfig:
     output_dir: Path
     seed: int = 0
     per_combination: int = 6
-    vae_steps: int = 1000
+    vae_steps: int = 1200
     train_steps: int = 3000
     learning_rate: float = 2e-3
     dit_layers: int = 2
