@@ -34,14 +34,16 @@ from tests.reference import reference_pipeline  # noqa: E402
 PROMPT = "a red circle on a blue background"
 
 
-def median_time(fn, runs: int) -> float:
-    fn()  # warm-up
-    times = []
+def median_times(ours, theirs, runs: int) -> tuple[float, float]:
+    """Medians over `runs` alternating runs (alternating cancels slow drifts of a shared machine)."""
+    ours(), theirs()  # warm-up
+    times: dict = {ours: [], theirs: []}
     for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        for fn in (ours, theirs):
+            t = time.perf_counter()
+            fn()
+            times[fn].append(time.perf_counter() - t)
+    return statistics.median(times[ours]), statistics.median(times[theirs])
 
 
 def main() -> None:
@@ -82,6 +84,7 @@ def main() -> None:
     encoder = QwenTextEncoder(models["te"].model.language_model, pipe.tokenizer)
     den = QwenImageDenoiser(models["dit"])
 
+    @torch.no_grad()  # as flowtuner.generate.sample_job runs it
     def ours_sampling():
         cond, uncond = encoder.encode([PROMPT, " "])
         g = den.geometry(h, w)
@@ -92,7 +95,7 @@ def main() -> None:
         pipe(**call, generator=torch.Generator("cpu").manual_seed(1), output_type="latent")
 
     for name, ours, theirs in (("end to end", ours_e2e, theirs_e2e), ("sampling only", ours_sampling, theirs_sampling)):
-        t_ours, t_theirs = median_time(ours, args.runs), median_time(theirs, args.runs)
+        t_ours, t_theirs = median_times(ours, theirs, args.runs)
         print(f"{name:>14}: flowtuner {t_ours:.3f} s, diffusers {t_theirs:.3f} s, ratio {t_ours / t_theirs:.3f}")
     shutil.rmtree(tmp, ignore_errors=True)
 

@@ -99,14 +99,16 @@ class QwenImageDenoiser(Denoiser):
 
     def predict(self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning, geometry: LatentGeometry) -> torch.Tensor:
         b = x.shape[0]
+        param = next(self.dit.parameters())
+        device, dtype = param.device, param.dtype
         grid = (1, geometry.height // VAE_FACTOR // PATCH, geometry.width // VAE_FACTOR // PATCH)
         # The DiT takes sigma in [0, 1] and scales by 1000 inside its timestep embedding: sigma is
         # passed as is, in float32 (diffusers rounds sigma*1000 to the latent dtype first).
-        timestep = torch.as_tensor(sigma, dtype=torch.float32, device=self.device).reshape(-1).expand(b)
-        mask = cond.mask.to(self.device) if cond.mask is not None else None
+        timestep = torch.as_tensor(sigma, dtype=torch.float32, device=device).reshape(-1).expand(b)
+        mask = cond.mask.to(device) if cond.mask is not None else None
         v = self.dit(
-            hidden_states=x.to(self.device, self.dtype),
-            encoder_hidden_states=cond.embeds.to(self.device, self.dtype).expand(b, -1, -1),
+            hidden_states=x.to(device, dtype),
+            encoder_hidden_states=cond.embeds.to(device, dtype).expand(b, -1, -1),
             encoder_hidden_states_mask=mask,
             timestep=timestep,
             img_shapes=[[grid]] * b,
