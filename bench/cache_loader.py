@@ -51,10 +51,9 @@ def main() -> None:
         datasets = load_dataset_config(cfg)
         items = scan_caches(datasets, QwenImageFamily())
         plan, data = BatchPlan(items, datasets, seed=0), CacheDataset(items)
-        for epoch in range(1):  # warm the page cache, as a training run's second epoch would be
-            list(make_loader(data, plan, epoch))
+        list(make_loader(data, plan, 0))  # warm the page cache, as a training run's second epoch would be
         t = time.perf_counter()
-        for epoch in range(args.epochs):
+        for _ in range(args.epochs):
             for it in items:  # cloned: the tensors must be in memory, not just mapped, as the loader's are
                 [t.clone() for f in (it.latent, it.text) for t in load_file(str(f)).values()]
         ref = args.epochs * len(items) / (time.perf_counter() - t)

@@ -6,7 +6,6 @@ import copy
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from flowtuner.cli import main
 from flowtuner.errors import ConfigError

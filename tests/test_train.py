@@ -11,7 +11,6 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from flowtuner.cli import main
-from flowtuner.errors import FlowtunerError
 from tests.datasets import good_dataset
 
 

@@ -145,7 +145,7 @@ def cache_latents(datasets: list[Dataset], family: Family, paths: ModelPaths, de
         for task in todo:
             by_bucket[(task.bucket, task.dataset.index)].append(task)
         with ThreadPoolExecutor(max(1, num_workers)) as pool, tqdm(total=len(todo), desc="caching latents", unit="img") as bar:
-            for (bucket, _), group in by_bucket.items():
+            for group in by_bucket.values():
                 size = batch_size or group[0].dataset.batch_size
                 for start in range(0, len(group), size):
                     loaded = list(pool.map(_load_for_bucket, group[start : start + size]))

@@ -32,7 +32,7 @@ from flowtuner.generate import pick_device, release_cache
 from flowtuner.train import checkpoints, previews
 from flowtuner.train.lora import LoRANetwork, select_modules
 from flowtuner.train.optim import make_optimizer, make_schedule, parse_kv
-from flowtuner.train.state import capture_rng, load_state, restore_rng, save_state
+from flowtuner.train.state import capture_rng, load_state, restore_rng
 
 log = logging.getLogger(__name__)
 NETWORK_ALIASES = {"lora", "networks.lora_qwen_image", "networks.lora"}
@@ -183,6 +183,7 @@ class Trainer:
             from accelerate.state import AcceleratorState
 
             AcceleratorState._reset_state(reset_partial_state=True)
+            release_cache()  # the models went with _run's frame
 
     def _run(self) -> int:
         cfg = self.cfg
@@ -277,8 +278,6 @@ class Trainer:
         log.info("time per step: %s", ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in self.timings.items()))
         saver.save_final(pos)
         tracker.close()
-        del denoiser, module, network
-        release_cache()
         return 0
 
     def _fused(self, optimizer, params):

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from flowtuner.config.prompt_lines import read_prompt_file
 from flowtuner.families.base import Conditioning, Denoiser, Family, ImageCodec
 from flowtuner.generate import Job, check_size, sample_job
