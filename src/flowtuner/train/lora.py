@@ -90,7 +90,7 @@ class LoRANetwork(nn.Module):
     def attach(self) -> "LoRANetwork":
         model = self._model[0]
         for path in self.paths:
-            lora = self.loras[path.replace(".", "_")]
+            lora = self.module_of(path)
             self._handles.append(model.get_submodule(path).register_forward_hook(
                 lambda mod, args, out, lora=lora: out + lora(args[0]).to(out.dtype)))
         return self
@@ -104,10 +104,12 @@ class LoRANetwork(nn.Module):
         for lora in self.loras.values():
             lora.multiplier = value
 
+    def module_of(self, path: str) -> LoRAModule:
+        return self.loras[path.replace(".", "_")]  # ModuleDict keys cannot hold dots
+
     def weights(self) -> dict[str, LoRAWeights]:
-        return {path: LoRAWeights(self.loras[path.replace(".", "_")].down.weight.detach(),
-                                  self.loras[path.replace(".", "_")].up.weight.detach(),
-                                  self.loras[path.replace(".", "_")].alpha) for path in self.paths}
+        return {path: LoRAWeights(m.down.weight.detach(), m.up.weight.detach(), m.alpha)
+                for path in self.paths for m in [self.module_of(path)]}
 
     def load_weights(self, weights: dict[str, LoRAWeights], source: str) -> None:
         missing = sorted(set(self.paths) - set(weights))
@@ -116,7 +118,7 @@ class LoRANetwork(nn.Module):
             raise ConfigError(f"{source}: LoRA modules do not match the network ({len(missing)} missing, e.g. "
                               f"{(missing or ['-'])[0]}; {len(extra)} extra, e.g. {(extra or ['-'])[0]}).")
         for path, w in weights.items():
-            lora = self.loras[path.replace(".", "_")]
+            lora = self.module_of(path)
             if w.down.shape != lora.down.weight.shape or w.up.shape != lora.up.weight.shape:
                 raise ConfigError(f"{source}: {path} has rank {w.rank}, the network has rank {lora.rank}.")
             with torch.no_grad():
