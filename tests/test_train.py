@@ -259,3 +259,16 @@ def test_lr_schedules_and_missing_optional_packages():
     if importlib.util.find_spec("bitsandbytes") is None:
         with pytest.raises(ConfigError, match="adamw8bit needs bitsandbytes"):
             make_optimizer("adamw8bit", p, 0.1, {})
+
+
+def test_accelerate_launch_runs_the_trainer(tmp_path, cached, tiny_files):
+    import subprocess
+    import sys
+
+    out = tmp_path / "acc"
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1",
+                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "flowtuner",
+                           "train", "--dataset_config", str(cached), "--model", str(tiny_files["repo"]), "--max_train_steps", "2",
+                           "--output_dir", str(out), "--seed", "1"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (out / "lora.safetensors").exists()

@@ -1,0 +1,58 @@
+"""How a flow model maps timesteps to sigmas, as ComfyUI's model-sampling objects do (their sigma
+tables drive ComfyUI's schedulers, so a scheduler's output depends on them).
+
+- `aura_flow(shift)`: ComfyUI's ModelSamplingAuraFlow / SD3 style, sigma(t) = shift t / (1 + (shift - 1) t),
+  a 1000-entry table at t = (k + 1) / 1000.
+- `flux(mu)`: ComfyUI's ModelSamplingFlux, sigma(t) = e^mu / (e^mu + 1/t - 1) (the same shift with
+  shift = e^mu), a 10000-entry table. Qwen-Image's default in ComfyUI is mu = 1.15.
+The network input for these is sigma itself (multiplier 1): Qwen-Image scales by 1000 inside.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+def time_snr_shift(shift: float, t: torch.Tensor) -> torch.Tensor:
+    if shift == 1.0:
+        return t
+    return shift * t / (1 + (shift - 1) * t)
+
+
+@dataclass(frozen=True)
+class FlowSampling:
+    name: str
+    sigma_fn: Callable[[torch.Tensor], torch.Tensor]  # t in [0, 1] -> sigma
+    length: int
+
+    @property
+    def table(self) -> torch.Tensor:
+        """Ascending sigma table S[k] = sigma((k + 1) / length), float32."""
+        t = torch.arange(1, self.length + 1, dtype=torch.float64) / self.length
+        return self.sigma_fn(t).to(torch.float32)
+
+    @property
+    def sigma_min(self) -> float:
+        return float(self.table[0])
+
+    @property
+    def sigma_max(self) -> float:
+        return float(self.table[-1])
+
+    def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
+        return sigma
+
+    def sigma(self, t: torch.Tensor) -> torch.Tensor:
+        return self.sigma_fn(t)
+
+
+def aura_flow(shift: float) -> FlowSampling:
+    return FlowSampling(f"auraflow(shift={shift})", lambda t: time_snr_shift(shift, t), 1000)
+
+
+def flux(mu: float) -> FlowSampling:
+    return FlowSampling(f"flux(mu={mu})", lambda t: time_snr_shift(math.exp(mu), t), 10000)
