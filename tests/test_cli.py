@@ -99,3 +99,28 @@ def test_same_seed_twice_never_overwrites(tmp_path, tiny_files):
         assert main(gen_args(tiny_files, tmp_path, "--prompt", "x", "--output_type", "latent")) == 0
     files = list(tmp_path.glob("*_latent.safetensors"))
     assert len(files) == 2
+
+
+def test_samplers_and_schedulers_from_the_cli_and_prompt_lines(tmp_path, tiny_files, capsys):
+    from safetensors.torch import load_file
+
+    latents = {}
+    for sampler, scheduler in (("euler", "reference"), ("heun", "simple"), ("dpmpp_2m", "karras"), ("euler_ancestral", "beta")):
+        out = tmp_path / f"{sampler}-{scheduler}"
+        extra = ["--shift", "3.1"] if scheduler != "reference" else []
+        assert main(gen_args(tiny_files, out, "--prompt", "x", "--output_type", "latent", "--sampler", sampler,
+                             "--scheduler", scheduler, *extra)) == 0
+        path = next(out.glob("*.safetensors"))
+        latents[sampler] = load_file(path)["latent"]
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            assert f.metadata()["sampler"] == sampler
+    values = list(latents.values())
+    assert all((a - b).abs().max() > 1e-4 for i, a in enumerate(values) for b in values[i + 1:])
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat --sampler lcm --scheduler simple --shift 2.0\n")
+    assert main(gen_args(tiny_files, tmp_path / "f", "--from_file", str(prompts), "--output_type", "latent")) == 0
+    capsys.readouterr()
+    err = one_line_error(capsys, gen_args(tiny_files, tmp_path, "--prompt", "x", "--shift", "3"))
+    assert "with the reference scheduler use --flow_shift" in err

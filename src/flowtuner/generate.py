@@ -39,6 +39,8 @@ class Job:
     seed: int
     num_images: int = 1
     sampler: str = "euler"
+    scheduler: str = "reference"
+    shift: float | None = None
 
 
 def check_size(height: int, width: int, step: int, flag: str = "--image_size") -> None:
@@ -51,6 +53,7 @@ def check_size(height: int, width: int, step: int, flag: str = "--image_size") -
 def make_jobs(cfg: GenerateConfig, size_step: int) -> list[Job]:
     base = dict(height=cfg.image_size[0], width=cfg.image_size[1], steps=cfg.infer_steps,
                 guidance_scale=cfg.guidance_scale, flow_shift=cfg.flow_shift, negative_prompt=cfg.negative_prompt,
+                sampler=cfg.sampler, scheduler=cfg.scheduler, shift=cfg.shift,
                 seed=cfg.seed if cfg.seed is not None else random.randrange(2**31))
     if cfg.from_file:
         lines = read_prompt_file(cfg.from_file)
@@ -64,10 +67,34 @@ def make_jobs(cfg: GenerateConfig, size_step: int) -> list[Job]:
         check_size(job.height, job.width, size_step, "--image_size" if "height" not in overrides else "--h/--w")
         if job.steps < 1:
             raise ConfigError(f"steps must be >= 1, got {job.steps}.")
+        check_sampling(job)
         if job.guidance_scale > 1 and job.negative_prompt is None:
             job.negative_prompt = " "  # musubi-tuner crashes without one; the reference uses " "
         jobs.append(job)
     return jobs
+
+
+def check_sampling(job: Job) -> None:
+    from flowtuner.flow.schedulers import SCHEDULERS
+
+    if job.sampler not in SAMPLERS:
+        raise ConfigError(f"sampler {job.sampler!r}: unknown; choose one of {', '.join(SAMPLERS)}.")
+    if job.scheduler != "reference" and job.scheduler not in SCHEDULERS:
+        raise ConfigError(f"scheduler {job.scheduler!r}: unknown; choose reference or one of {', '.join(SCHEDULERS)}.")
+    if job.scheduler == "reference" and job.shift is not None:
+        raise ConfigError("--shift sets the sigma table of the ComfyUI schedulers; with the reference scheduler use --flow_shift.")
+    if job.scheduler != "reference" and job.flow_shift is not None:
+        raise ConfigError("--flow_shift applies to the reference scheduler; with ComfyUI schedulers use --shift.")
+
+
+def job_sigmas(family: Family, job: Job, geometry) -> torch.Tensor:
+    if job.scheduler == "reference":
+        return family.default_sigmas(job.steps, geometry, job.flow_shift)
+    from flowtuner.flow.model_sampling import aura_flow
+    from flowtuner.flow.schedulers import SCHEDULERS
+
+    table = aura_flow(job.shift) if job.shift is not None else family.comfy_model_sampling()
+    return SCHEDULERS[job.scheduler](table, job.steps)
 
 
 def pick_device(name: str | None) -> torch.device:
@@ -103,13 +130,14 @@ def encode_prompts(family: Family, paths: ModelPaths, jobs: list[Job], device: t
 def sample_job(denoiser: Denoiser, family: Family, job: Job, conds: dict[str, Conditioning],
                on_step=None) -> list[tuple[Job, int, torch.Tensor]]:
     geometry = denoiser.geometry(job.height, job.width)
-    sigmas = family.default_sigmas(job.steps, geometry, job.flow_shift)
+    sigmas = job_sigmas(family, job, geometry)
     uncond = conds.get(job.negative_prompt) if job.guidance_scale > 1 else None
     model = guided_model(lambda x, s, c: denoiser.predict(x, s, c, geometry), conds[job.prompt], uncond,
                          job.guidance_scale, denoiser.feature_dim)
     out = []
     for seed in range(job.seed, job.seed + job.num_images):
-        x = SAMPLERS[job.sampler](model, denoiser.noise(geometry, seed), sigmas, callback=on_step)
+        x = SAMPLERS[job.sampler](model, denoiser.noise(geometry, seed), sigmas, callback=on_step,
+                                  generator=torch.Generator().manual_seed(seed))  # ancestral / LCM noise
         out.append((job, seed, denoiser.to_latents(x, geometry).cpu()))
     return out
 

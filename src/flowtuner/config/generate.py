@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from flowtuner.config.fields import opt
 from flowtuner.config.models import ModelFiles
+from flowtuner.flow.samplers import SAMPLERS
+from flowtuner.flow.schedulers import SCHEDULERS
 
 
 @dataclass
@@ -15,7 +17,11 @@ class GenerateConfig(ModelFiles):
     image_size: list[int] = opt([1024, 1024], "image size as HEIGHT WIDTH (musubi-tuner order), multiples of 16", nargs=2, metavar=("H", "W"))
     infer_steps: int = opt(25, "number of sampling steps")
     guidance_scale: float = opt(4.0, "true-CFG scale with norm rescale; <= 1 skips the unconditional pass")
-    flow_shift: float | None = opt(help="fixed SD3-style shift; default: the dynamic shift from the image size")
+    flow_shift: float | None = opt(help="reference scheduler: a fixed SD3-style shift instead of the dynamic one from the image size")
+    sampler: str = opt("euler", "sampler", choices=tuple(SAMPLERS))
+    scheduler: str = opt("reference", "sigma schedule: reference (Qwen-Image's diffusers schedule) or a ComfyUI scheduler",
+                         choices=("reference", *SCHEDULERS))
+    shift: float | None = opt(help="ComfyUI schedulers: AuraFlow-style shift of the sigma table (default: ComfyUI's Flux-style table, mu 1.15)")
     seed: int | None = opt(help="random seed (default: random); image i of --num_images uses seed + i")
     save_path: str = opt("outputs", "output folder")
     output_type: str = opt("images", "what to save", choices=("images", "latent", "latent_images"))

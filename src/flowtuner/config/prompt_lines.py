@@ -10,7 +10,7 @@ from flowtuner.errors import ConfigError
 INLINE_OPTIONS: dict[str, tuple[str, type]] = {
     "w": ("width", int), "h": ("height", int), "d": ("seed", int), "s": ("steps", int),
     "g": ("guidance_scale", float), "l": ("guidance_scale", float), "n": ("negative_prompt", str),
-    "fs": ("flow_shift", float),
+    "fs": ("flow_shift", float), "sampler": ("sampler", str), "scheduler": ("scheduler", str), "shift": ("shift", float),
 }
 
 

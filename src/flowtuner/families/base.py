@@ -135,5 +135,9 @@ class Family(ABC):
     def load_codec(self, paths: ModelPaths, device: torch.device) -> ImageCodec: ...
 
     @abstractmethod
+    def comfy_model_sampling(self):
+        """The sigma table ComfyUI gives this model by default (for its schedulers)."""
+
+    @abstractmethod
     def default_sigmas(self, steps: int, geometry: LatentGeometry, flow_shift: float | None) -> torch.Tensor:
         """The family's reference schedule (steps + 1 values, ending in 0)."""

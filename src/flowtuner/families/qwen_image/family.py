@@ -182,5 +182,10 @@ class QwenImageFamily(Family):
     def load_codec(self, paths: ModelPaths, device: torch.device) -> QwenImageCodec:
         return QwenImageCodec(load_vae(require(paths, "vae"), device))
 
+    def comfy_model_sampling(self):
+        from flowtuner.flow.model_sampling import flux
+
+        return flux(1.15)  # ComfyUI: Qwen-Image is a FLUX-type model with shift (mu) 1.15
+
     def default_sigmas(self, steps: int, geometry: LatentGeometry, flow_shift: float | None) -> torch.Tensor:
         return reference_sigmas(steps, geometry.image_tokens, flow_shift)
