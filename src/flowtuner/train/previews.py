@@ -6,7 +6,7 @@ from pathlib import Path
 
 from flowtuner.config.prompt_lines import read_prompt_file
 from flowtuner.families.base import Conditioning, Denoiser, Family, ImageCodec
-from flowtuner.generate import Job, check_size, sample_job
+from flowtuner.generate import Job, check_sampling, check_size, sample_job
 from flowtuner.outputs import save_png
 
 # musubi-tuner's sample defaults, except the flow shift: the model's dynamic shift, not a fixed 14.5
@@ -18,6 +18,7 @@ def sample_jobs(path: str | Path, size_step: int) -> list[Job]:
     for i, (prompt, overrides) in enumerate(read_prompt_file(path)):
         job = Job(prompt=prompt, **{**SAMPLE_DEFAULTS, "seed": SAMPLE_DEFAULTS["seed"] + i, **overrides})
         check_size(job.height, job.width, size_step, f"{path}: line {i + 1}: --h/--w")
+        check_sampling(job)
         jobs.append(job)
     return jobs
 
