@@ -11,16 +11,11 @@ import numpy as np
 import torch
 
 from flowtuner.flow.model_sampling import FlowSampling
+from flowtuner.flow.registry import registrar
 
 Scheduler = Callable[[FlowSampling, int], torch.Tensor]
 SCHEDULERS: dict[str, Scheduler] = {}
-
-
-def register(name: str):
-    def deco(fn: Scheduler) -> Scheduler:
-        SCHEDULERS[name] = fn
-        return fn
-    return deco
+register = registrar(SCHEDULERS)
 
 
 def _append_zero(s: torch.Tensor) -> torch.Tensor:

@@ -12,15 +12,11 @@ from collections.abc import Callable
 
 import torch
 
+from flowtuner.flow.registry import registrar
+
 Weighting = Callable[[torch.Tensor, dict], torch.Tensor]
 WEIGHTINGS: dict[str, Weighting] = {}
-
-
-def register(name: str):
-    def deco(fn: Weighting) -> Weighting:
-        WEIGHTINGS[name] = fn
-        return fn
-    return deco
+register = registrar(WEIGHTINGS)
 
 
 @register("none")
