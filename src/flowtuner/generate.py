@@ -41,6 +41,7 @@ class Job:
     sampler: str = "euler"
     scheduler: str = "reference"
     shift: float | None = None
+    guidance: tuple[str, ...] = ()
 
 
 def check_size(height: int, width: int, step: int, flag: str = "--image_size") -> None:
@@ -53,7 +54,7 @@ def check_size(height: int, width: int, step: int, flag: str = "--image_size") -
 def make_jobs(cfg: GenerateConfig, size_step: int) -> list[Job]:
     base = dict(height=cfg.image_size[0], width=cfg.image_size[1], steps=cfg.infer_steps,
                 guidance_scale=cfg.guidance_scale, flow_shift=cfg.flow_shift, negative_prompt=cfg.negative_prompt,
-                sampler=cfg.sampler, scheduler=cfg.scheduler, shift=cfg.shift,
+                sampler=cfg.sampler, scheduler=cfg.scheduler, shift=cfg.shift, guidance=tuple(cfg.guidance or ()),
                 seed=cfg.seed if cfg.seed is not None else random.randrange(2**31))
     if cfg.from_file:
         lines = read_prompt_file(cfg.from_file)
@@ -85,6 +86,10 @@ def check_sampling(job: Job) -> None:
         raise ConfigError("--shift sets the sigma table of the ComfyUI schedulers; with the reference scheduler use --flow_shift.")
     if job.scheduler != "reference" and job.flow_shift is not None:
         raise ConfigError("--flow_shift applies to the reference scheduler; with ComfyUI schedulers use --shift.")
+    from flowtuner.guidance.methods import parse_guidance
+
+    for text in job.guidance:
+        parse_guidance(text)
 
 
 def job_sigmas(family: Family, job: Job, geometry) -> torch.Tensor:
@@ -132,8 +137,11 @@ def sample_job(denoiser: Denoiser, family: Family, job: Job, conds: dict[str, Co
     geometry = denoiser.geometry(job.height, job.width)
     sigmas = job_sigmas(family, job, geometry)
     uncond = conds.get(job.negative_prompt) if job.guidance_scale > 1 else None
+    from flowtuner.guidance.methods import parse_guidance
+
     model = guided_model(lambda x, s, c: denoiser.predict(x, s, c, geometry), conds[job.prompt], uncond,
-                         job.guidance_scale, denoiser.feature_dim)
+                         job.guidance_scale, denoiser.feature_dim,
+                         methods=[parse_guidance(t) for t in job.guidance], grid=denoiser.grid(geometry))
     out = []
     for seed in range(job.seed, job.seed + job.num_images):
         x = SAMPLERS[job.sampler](model, denoiser.noise(geometry, seed), sigmas, callback=on_step,

@@ -11,9 +11,10 @@ from typing import Any
 
 
 def opt(default: Any = None, help: str = "", *, aliases: tuple[str, ...] = (), choices=None, metavar=None,
-        nargs=None, required: bool = False) -> Any:
-    """A config field with CLI metadata."""
-    meta = {"help": help, "aliases": aliases, "choices": choices, "metavar": metavar, "nargs": nargs, "required": required}
+        nargs=None, required: bool = False, repeatable: bool = False) -> Any:
+    """A config field with CLI metadata. `repeatable`: a list flag that may be given several times."""
+    meta = {"help": help, "aliases": aliases, "choices": choices, "metavar": metavar, "nargs": nargs, "required": required,
+            "repeatable": repeatable}
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda: list(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -54,6 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             kwargs["choices"] = meta.get("choices")
             kwargs["metavar"] = meta.get("metavar")
             kwargs["required"] = meta.get("required", False)
+            if meta.get("repeatable"):
+                kwargs["action"] = "extend"
         if default not in (None, False, [], "") and "%(default)" not in kwargs["help"]:
             kwargs["help"] += " (default: %(default)s)"
         parser.add_argument(*flag_names(f.name, meta.get("aliases", ())), **kwargs)

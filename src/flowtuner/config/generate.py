@@ -8,6 +8,7 @@ from flowtuner.config.fields import opt
 from flowtuner.config.models import ModelFiles
 from flowtuner.flow.samplers import SAMPLERS
 from flowtuner.flow.schedulers import SCHEDULERS
+from flowtuner.guidance.methods import METHODS
 
 
 @dataclass
@@ -21,6 +22,8 @@ class GenerateConfig(ModelFiles):
     sampler: str = opt("euler", "sampler", choices=tuple(SAMPLERS))
     scheduler: str = opt("reference", "sigma schedule: reference (Qwen-Image's diffusers schedule) or a ComfyUI scheduler",
                          choices=("reference", *SCHEDULERS))
+    guidance: list[str] | None = opt(help="guidance method NAME[:key=value,...], repeatable, applied in order (pre-CFG, CFG, post-CFG): "
+                                          + ", ".join(METHODS), repeatable=True)
     shift: float | None = opt(help="ComfyUI schedulers: AuraFlow-style shift of the sigma table (default: ComfyUI's Flux-style table, mu 1.15)")
     seed: int | None = opt(help="random seed (default: random); image i of --num_images uses seed + i")
     save_path: str = opt("outputs", "output folder")

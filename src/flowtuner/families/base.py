@@ -78,6 +78,10 @@ class Denoiser(ABC):
         """Sampler state -> the VAE's latent layout (normalised)."""
 
     @abstractmethod
+    def grid(self, geometry: LatentGeometry) -> tuple:
+        """(to_grid, from_grid): sampler state <-> the image grid [B, C, H, W] guidance methods work on."""
+
+    @abstractmethod
     def from_latents(self, latents: torch.Tensor) -> tuple[torch.Tensor, LatentGeometry]:
         """Cached latents (the VAE's layout) -> (sampler state, geometry): the training input."""
 

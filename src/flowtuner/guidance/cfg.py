@@ -36,8 +36,13 @@ def guided_model(
     scale: float,
     feature_dim: int = -1,
     cfg: str = "norm_rescale",
+    methods: list[tuple[str, dict]] | None = None,
+    grid: tuple[Callable, Callable] | None = None,
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """A `model(x, sigma) -> v` for the samplers. The unconditional pass is skipped when scale <= 1."""
+    """A `model(x, sigma) -> v` for the samplers. The unconditional pass is skipped when scale <= 1.
+    `methods` (name, params) are guidance hooks run on the image grid (`grid` = (to_grid, from_grid))."""
+    if methods:
+        return _hooked_model(predict, cond, uncond, scale, feature_dim, cfg, methods, grid)
     if uncond is None or scale <= 1.0:
         return lambda x, sigma: predict(x, sigma, cond)
     combine = CFG_FUNCTIONS[cfg]
@@ -46,5 +51,43 @@ def guided_model(
         v_cond = predict(x, sigma, cond)
         v_uncond = predict(x, sigma, uncond)
         return combine(v_cond, v_uncond, scale, feature_dim)
+
+    return model
+
+
+def _hooked_model(predict, cond, uncond, scale, feature_dim, cfg, methods, grid):
+    """pre-CFG hooks -> one CFG function -> post-CFG hooks, on denoised predictions D = x - sigma v in the
+    image-grid layout. Without a CFG-stage method the family's own CFG (here: true CFG with norm rescale,
+    on velocities) combines the hooked predictions."""
+    from flowtuner.errors import ConfigError
+    from flowtuner.guidance.methods import METHODS, Step
+
+    chain = [(METHODS[name], params, {}) for name, params in methods]
+    if sum(m.stage == "cfg" for m, _, _ in chain) > 1:
+        raise ConfigError("--guidance: at most one CFG-function method (rescale_cfg, renorm_cfg) at a time.")
+    to_grid, from_grid = grid
+    combine = CFG_FUNCTIONS[cfg]
+
+    def model(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        s = float(sigma)
+        v_c = predict(x, sigma, cond).to(torch.float32)
+        v_u = predict(x, sigma, uncond).to(torch.float32) if uncond is not None and scale > 1 else None
+        step = Step(to_grid(x), s, scale, to_grid(x - s * v_c), None if v_u is None else to_grid(x - s * v_u))
+        for method, params, state in chain:
+            if method.stage == "pre":
+                step.cond, step.uncond = method.fn(step, params, state)
+        cfg_methods = [(m, p, st) for m, p, st in chain if m.stage == "cfg"]
+        if cfg_methods:
+            m, p, st = cfg_methods[0]
+            d = m.fn(step, p, st)
+        elif step.uncond is None:
+            d = step.cond
+        else:
+            v = combine((x - from_grid(step.cond)) / s, (x - from_grid(step.uncond)) / s, scale, feature_dim)
+            d = to_grid(x - s * v)
+        for method, params, state in chain:
+            if method.stage == "post":
+                d = method.fn(step, d, params, state)
+        return (x - from_grid(d)) / s
 
     return model

@@ -119,6 +119,10 @@ class QwenImageDenoiser(Denoiser):
     def to_latents(self, x: torch.Tensor, geometry: LatentGeometry) -> torch.Tensor:
         return unpack(x, geometry.height // VAE_FACTOR, geometry.width // VAE_FACTOR)
 
+    def grid(self, geometry: LatentGeometry) -> tuple:
+        h, w = geometry.height // VAE_FACTOR, geometry.width // VAE_FACTOR
+        return (lambda x: unpack(x, h, w)[:, :, 0]), (lambda d: pack(d.unsqueeze(2)))
+
     def from_latents(self, latents: torch.Tensor) -> tuple[torch.Tensor, LatentGeometry]:
         h, w = latents.shape[-2:]
         return pack(latents), self.geometry(h * VAE_FACTOR, w * VAE_FACTOR)

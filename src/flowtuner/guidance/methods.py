@@ -1,0 +1,176 @@
+"""Guidance methods as composable hooks, in ComfyUI's order: pre-CFG hooks rewrite the (cond, uncond)
+predictions, one CFG function combines them, post-CFG hooks rewrite the result. They work on denoised
+predictions D (x0 space) laid out as an image grid [B, C, H, W], as ComfyUI's do — but on the 2-D grid
+the methods are written for (ComfyUI hands them Qwen-Image's 5-D [B, C, 1, H, W] latents, where FreSca
+degenerates to a plain scale and RescaleCFG / APG reduce over the wrong axes).
+Formulas: ../shared/reference/guidance-and-sampling.md §3; each is tested against it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from flowtuner.errors import ConfigError
+
+
+@dataclass
+class Step:
+    """What a hook sees: the current (grid) state x, sigma, the CFG scale, and the predictions."""
+
+    x: torch.Tensor
+    sigma: float
+    scale: float
+    cond: torch.Tensor  # D_c
+    uncond: torch.Tensor | None  # D_u (None when the unconditional pass is skipped)
+
+
+@dataclass
+class Method:
+    stage: str  # "pre", "cfg" or "post"
+    fn: Callable
+    defaults: dict
+    help: str
+    state: dict = field(default_factory=dict)
+
+
+def _norm(t: torch.Tensor, dims) -> torch.Tensor:
+    return torch.linalg.vector_norm(t, dim=dims, keepdim=True)
+
+
+def plain_cfg(s: Step, p: dict, state: dict) -> torch.Tensor:
+    return s.cond if s.uncond is None else s.uncond + s.scale * (s.cond - s.uncond)
+
+
+def rescale_cfg(s: Step, p: dict, state: dict) -> torch.Tensor:
+    """RescaleCFG: CFG in (VP) v-space, its std pulled toward the conditional one (std per sample)."""
+    if s.uncond is None:
+        return s.cond
+    sig = s.sigma
+    x = s.x / (sig**2 + 1)
+    k = (sig**2 + 1) ** 0.5 / sig
+    v_c, v_u = (x - s.cond) * k, (x - s.uncond) * k
+    v_cfg = v_u + s.scale * (v_c - v_u)
+    dims = tuple(range(1, v_c.dim()))
+    ratio = v_c.std(dim=dims, keepdim=True) / v_cfg.std(dim=dims, keepdim=True)
+    m = p["multiplier"]
+    v = m * v_cfg * ratio + (1 - m) * v_cfg
+    return x - v / k
+
+
+def renorm_cfg(s: Step, p: dict, state: dict) -> torch.Tensor:
+    """RenormCFG: CFG only while sigma < cfg_trunc, its norm capped at renorm_cfg x the conditional norm."""
+    if s.uncond is None or not s.sigma < p["cfg_trunc"]:
+        return s.cond
+    h = s.uncond + s.scale * (s.cond - s.uncond)
+    if p["renorm_cfg"] > 0:
+        dims = tuple(range(1, h.dim()))
+        n_c, n_h = _norm(s.cond, dims), _norm(h, dims)
+        h = torch.where(n_h >= p["renorm_cfg"] * n_c, h * p["renorm_cfg"] * n_c / n_h, h)
+    return h
+
+
+def cfg_norm(s: Step, d: torch.Tensor, p: dict, state: dict) -> torch.Tensor:
+    """CFGNorm: scale by min(1, |D_c| / |D_cfg|), norms over channels at each location; times strength."""
+    ratio = (_norm(s.cond, 1) / (_norm(d, 1) + 1e-8)).clamp(0, 1)
+    return d * ratio * p["strength"]
+
+
+def cfg_zero_star(s: Step, d: torch.Tensor, p: dict, state: dict) -> torch.Tensor:
+    if s.uncond is None:
+        return d
+    a, b = s.x - s.cond, s.x - s.uncond
+    dims = tuple(range(1, d.dim()))
+    alpha = (a * b).sum(dims, keepdim=True) / ((b * b).sum(dims, keepdim=True) + 1e-8)
+    return d + s.uncond * (alpha - 1) + s.scale * s.uncond * (1 - alpha)
+
+
+def mahiro(s: Step, d: torch.Tensor, p: dict, state: dict) -> torch.Tensor:
+    uncond = s.uncond if s.uncond is not None else torch.zeros_like(s.cond)
+    lead, lead_u = s.scale * s.cond, s.scale * uncond
+    merged = (lead + d) / 2
+    root = lambda t: t.sign() * t.abs().sqrt()  # noqa: E731
+    sim = torch.nn.functional.cosine_similarity(root(lead_u), root(merged), dim=1, eps=1e-8).mean()
+    k = 2 * (sim + 1)
+    return (k * d + (4 - k) * lead) / 4
+
+
+def apg(s: Step, p: dict, state: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Adaptive Projected Guidance: the guidance's component parallel to D_c is scaled by eta, its norm
+    capped, optionally with momentum (reset when sigma rises: a new run). Norms over (C, H, W)."""
+    if s.uncond is None:
+        return s.cond, s.uncond
+    if state.get("prev_sigma") is not None and s.sigma > state["prev_sigma"]:
+        state.pop("running", None)
+    state["prev_sigma"] = s.sigma
+    g = s.cond - s.uncond
+    if p["momentum"] != 0:
+        state["running"] = g if "running" not in state else p["momentum"] * state["running"] + g
+        g = state["running"]
+    dims = (-1, -2, -3)
+    if p["norm_threshold"] > 0:
+        g = g * torch.clamp(p["norm_threshold"] / _norm(g, dims), max=1.0)
+    u = s.cond / _norm(s.cond, dims)
+    parallel = (g * u).sum(dims, keepdim=True) * u
+    g = (g - parallel) + p["eta"] * parallel
+    return s.uncond + g + (s.cond - s.uncond) / s.scale, s.uncond
+
+
+def tcfg(s: Step, p: dict, state: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Tangential damping: keep only the uncond score's component along the top singular direction of
+    [uncond score, cond score]."""
+    if s.uncond is None:
+        return s.cond, s.uncond
+    b = s.x.shape[0]
+    s_c, s_u = (s.x - s.cond).reshape(b, 1, -1).float(), (s.x - s.uncond).reshape(b, 1, -1).float()
+    _, _, vh = torch.linalg.svd(torch.cat([s_u, s_c], dim=1), full_matrices=False)
+    v1 = vh[:, 0:1, :]
+    s_u = (s_u @ v1.transpose(-2, -1)) @ v1
+    return s.cond, s.x - s_u.reshape(s.x.shape).to(s.x.dtype)
+
+
+def fresca(s: Step, p: dict, state: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Frequency-scaled guidance over the 2-D grid: low frequencies x scale_low, high x scale_high."""
+    if s.uncond is None:
+        return s.cond, s.uncond
+    g = s.cond - s.uncond
+    spec = torch.fft.fftshift(torch.fft.fftn(g.float(), dim=(-2, -1)), dim=(-2, -1))
+    mask = torch.full(g.shape[-2:], p["scale_high"], device=g.device)
+    (h, w), f = g.shape[-2:], p["freq_cutoff"]
+    ch, cw = h // 2, w // 2
+    fh, fw = min(f, ch), min(f, cw)
+    mask[ch - fh : ch + fh, cw - fw : cw + fw] = p["scale_low"]
+    g2 = torch.fft.ifftn(torch.fft.ifftshift(spec * mask, dim=(-2, -1)), dim=(-2, -1)).real.to(g.dtype)
+    return s.uncond + g2, s.uncond
+
+
+METHODS: dict[str, Method] = {
+    "rescale_cfg": Method("cfg", rescale_cfg, {"multiplier": 0.7}, "CFG rescaled toward the conditional std (v-space)"),
+    "renorm_cfg": Method("cfg", renorm_cfg, {"cfg_trunc": 100.0, "renorm_cfg": 1.0}, "CFG while sigma < cfg_trunc, norm capped"),
+    "cfg_norm": Method("post", cfg_norm, {"strength": 1.0}, "result scaled to at most the conditional norm per location"),
+    "cfg_zero_star": Method("post", cfg_zero_star, {}, "CFG-Zero*: optimised scale of the unconditional part"),
+    "mahiro": Method("post", mahiro, {}, "blend toward the scaled conditional by a similarity"),
+    "apg": Method("pre", apg, {"eta": 1.0, "norm_threshold": 5.0, "momentum": 0.0}, "adaptive projected guidance"),
+    "tcfg": Method("pre", tcfg, {}, "tangential damping of the unconditional score"),
+    "fresca": Method("pre", fresca, {"scale_low": 1.0, "scale_high": 1.25, "freq_cutoff": 20}, "frequency-scaled guidance"),
+}
+
+
+def parse_guidance(text: str) -> tuple[str, dict]:
+    """'apg:eta=1,norm_threshold=20' -> ('apg', {...defaults, eta: 1.0, norm_threshold: 20.0})."""
+    name, _, rest = text.partition(":")
+    name = name.strip()
+    if name not in METHODS:
+        raise ConfigError(f"--guidance {name}: unknown; choose one of {', '.join(METHODS)}.")
+    params = dict(METHODS[name].defaults)
+    for item in filter(None, (x.strip() for x in rest.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or key not in params:
+            raise ConfigError(f"--guidance {name}: unknown option {key!r}; valid: {', '.join(params) or 'none'}.")
+        try:
+            params[key] = type(params[key])(float(value)) if isinstance(params[key], (int, float)) else value
+        except ValueError:
+            raise ConfigError(f"--guidance {name}: {key} needs a number, got {value!r}.") from None
+    return name, params
