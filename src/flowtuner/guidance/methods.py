@@ -158,10 +158,20 @@ METHODS: dict[str, Method] = {
 }
 
 
+UNAVAILABLE = {
+    "sag": "self-attention guidance is a UNet method (it reads the UNet's middle-block attention); it arrives with the SDXL family",
+    "freeu": "FreeU is a UNet method (it scales UNet skip connections); it arrives with the SDXL family",
+    "freeu_v2": "FreeU_V2 is a UNet method (it scales UNet skip connections); it arrives with the SDXL family",
+    "pag": "perturbed-attention guidance for the Qwen-Image DiT is not available yet",
+}
+
+
 def parse_guidance(text: str) -> tuple[str, dict]:
     """'apg:eta=1,norm_threshold=20' -> ('apg', {...defaults, eta: 1.0, norm_threshold: 20.0})."""
     name, _, rest = text.partition(":")
     name = name.strip()
+    if name in UNAVAILABLE:
+        raise ConfigError(f"--guidance {name}: {UNAVAILABLE[name]}.")
     if name not in METHODS:
         raise ConfigError(f"--guidance {name}: unknown; choose one of {', '.join(METHODS)}.")
     params = dict(METHODS[name].defaults)
