@@ -3,17 +3,42 @@
 The state is kept in float32 whatever the model's dtype, so rounding does not accumulate over steps.
 Update rules follow k-diffusion / ComfyUI (../shared/reference/guidance-and-sampling.md §4.4), written
 for the flow convention: the denoised estimate is D = x - sigma v, and d = (x - D) / sigma = v.
+
+The same d = (x - D) / sigma is Karras' ODE direction for variance-exploding models (x = x0 + sigma eps,
+the space ComfyUI samples discrete eps / v models in), so the deterministic samplers serve both. The
+ones that add noise need to know how a clean sample is scaled at a sigma: `noising` (FLOW: 1 - sigma,
+VE: 1), as ComfyUI picks its RF branches for CONST models.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
+from flowtuner.flow.registry import registrar
+
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Callback = Callable[[int, torch.Tensor, torch.Tensor], None]
+
+
+@dataclass(frozen=True)
+class Noising:
+    """x_sigma = alpha(sigma) x0 + sigma eps."""
+
+    name: str
+    alpha: Callable[[float], float]
+
+    def half_log_snr(self, sigma: float) -> float:
+        return math.log(self.alpha(sigma) / sigma)
+
+
+FLOW = Noising("flow", lambda s: 1.0 - s)
+VE = Noising("ve", lambda s: 1.0)
+SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {}
+register = registrar(SAMPLERS)
 
 
 def _denoised(model: Model, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -24,8 +49,10 @@ def _noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Ten
     return torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device)
 
 
-def euler(model: Model, x: torch.Tensor, sigmas: torch.Tensor, callback: Callback | None = None, generator=None) -> torch.Tensor:
-    """First-order flow-matching Euler: x <- x + (sigma_next - sigma) v."""
+@register("euler")
+def euler(model: Model, x: torch.Tensor, sigmas: torch.Tensor, callback: Callback | None = None, generator=None,
+          noising: Noising = FLOW) -> torch.Tensor:
+    """x <- x + (sigma_next - sigma) d, d = (x - D) / sigma (the velocity for flow models). First order."""
     x = x.to(torch.float32)
     for i in range(len(sigmas) - 1):
         v = model(x, sigmas[i]).to(torch.float32)
@@ -35,8 +62,11 @@ def euler(model: Model, x: torch.Tensor, sigmas: torch.Tensor, callback: Callbac
     return x
 
 
-def heun(model: Model, x: torch.Tensor, sigmas: torch.Tensor, callback: Callback | None = None, generator=None) -> torch.Tensor:
-    """Second order (trapezoidal); the last step to sigma 0 is Euler."""
+@register("heun")
+def heun(model: Model, x: torch.Tensor, sigmas: torch.Tensor, callback: Callback | None = None, generator=None,
+         noising: Noising = FLOW) -> torch.Tensor:
+    """Trapezoidal: the mean of d at both ends of an Euler step; the step to sigma 0 is Euler. Second
+    order, two model calls per step."""
     x = x.to(torch.float32)
     for i in range(len(sigmas) - 1):
         s, s_next = sigmas[i], sigmas[i + 1]
@@ -52,8 +82,11 @@ def heun(model: Model, x: torch.Tensor, sigmas: torch.Tensor, callback: Callback
     return x
 
 
-def dpmpp_2m(model: Model, x: torch.Tensor, sigmas: torch.Tensor, callback: Callback | None = None, generator=None) -> torch.Tensor:
-    """DPM-Solver++(2M) with lambda = -log sigma (as ComfyUI, not flow-specific)."""
+@register("dpmpp_2m")
+def dpmpp_2m(model: Model, x: torch.Tensor, sigmas: torch.Tensor, callback: Callback | None = None, generator=None,
+             noising: Noising = FLOW) -> torch.Tensor:
+    """DPM-Solver++(2M), lambda = -log sigma (as ComfyUI, not flow-specific): x <- (s'/s) x - expm1(-h) D',
+    D' = (1 + 1/2r) D_i - (1/2r) D_(i-1). Second order from the second step."""
     x = x.to(torch.float32)
     old = None
     for i in range(len(sigmas) - 1):
@@ -74,6 +107,47 @@ def dpmpp_2m(model: Model, x: torch.Tensor, sigmas: torch.Tensor, callback: Call
     return x
 
 
+def _offset_first_sigma(sigmas: torch.Tensor, noising: Noising, offset: float = 1e-4) -> torch.Tensor:
+    """A flow schedule starting at sigma 1 has half-logSNR -inf there; start a hair below, as ComfyUI does
+    (it uses its sigma table at 1 - 1e-4, which depends on the shift: 0.99997 at AuraFlow 3.1)."""
+    if noising is FLOW and len(sigmas) > 1 and sigmas[0] >= 1:
+        sigmas = sigmas.clone()
+        sigmas[0] = 1 - offset
+    return sigmas
+
+
+@register("dpmpp_2m_sde")
+def dpmpp_2m_sde(model: Model, x: torch.Tensor, sigmas: torch.Tensor, callback: Callback | None = None,
+                 generator: torch.Generator | None = None, noising: Noising = FLOW, eta: float = 1.0,
+                 s_noise: float = 1.0) -> torch.Tensor:
+    """DPM-Solver++(2M) SDE, midpoint variant, in half-logSNR lambda = log(alpha / sigma):
+    x <- (s'/s) e^(-h eta) x + alpha' (1 - e^(-h(1 + eta))) D (+ the 2M correction) + s' sqrt(1 - e^(-2 h eta)) eps.
+    ComfyUI draws eps from a Brownian tree (torchsde); here it is a fresh N(0, 1) per step from `generator`,
+    the same distribution (tree increments over disjoint intervals are independent), other values."""
+    x = x.to(torch.float32)
+    sigmas = _offset_first_sigma(sigmas, noising)
+    old, h_last = None, None
+    for i in range(len(sigmas) - 1):
+        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+        d = _denoised(model, x, sigmas[i])
+        h = None
+        if s_next == 0:
+            x = d
+        else:
+            h = noising.half_log_snr(s_next) - noising.half_log_snr(s)
+            h_eta = h * (eta + 1)
+            alpha_next = noising.alpha(s_next)
+            x = (s_next / s) * math.exp(-h * eta) * x - alpha_next * math.expm1(-h_eta) * d
+            if old is not None:
+                x = x - 0.5 * alpha_next * math.expm1(-h_eta) * (h / h_last) * (d - old)
+            if eta > 0 and s_noise > 0:
+                x = x + _noise_like(x, generator) * s_next * math.sqrt(-math.expm1(-2 * h * eta)) * s_noise
+        old, h_last = d, h
+        if callback is not None:
+            callback(i, x, sigmas[i])
+    return x
+
+
 def _phi1(z: float) -> float:
     return math.expm1(z) / z
 
@@ -82,8 +156,11 @@ def _phi2(z: float) -> float:
     return (_phi1(z) - 1) / z
 
 
-def res_multistep(model: Model, x: torch.Tensor, sigmas: torch.Tensor, callback: Callback | None = None, generator=None) -> torch.Tensor:
-    """RES 2-step multistep (eta = 0): Euler on the first step and the step to 0."""
+@register("res_multistep")
+def res_multistep(model: Model, x: torch.Tensor, sigmas: torch.Tensor, callback: Callback | None = None, generator=None,
+                  noising: Noising = FLOW) -> torch.Tensor:
+    """RES 2-step multistep (eta = 0), exponential integrator in lambda = -log sigma with phi-function
+    weights on D_i, D_(i-1); Euler on the first step and the step to 0."""
     x = x.to(torch.float32)
     old, old_sigma = None, None
     for i in range(len(sigmas) - 1):
@@ -103,42 +180,44 @@ def res_multistep(model: Model, x: torch.Tensor, sigmas: torch.Tensor, callback:
     return x
 
 
+@register("euler_ancestral")
 def euler_ancestral(model: Model, x: torch.Tensor, sigmas: torch.Tensor, callback: Callback | None = None,
-                    generator: torch.Generator | None = None, eta: float = 1.0, s_noise: float = 1.0) -> torch.Tensor:
-    """Ancestral Euler for flow models (ComfyUI's RF variant): step to sigma_down, then re-noise to sigma_next."""
+                    generator: torch.Generator | None = None, noising: Noising = FLOW, eta: float = 1.0,
+                    s_noise: float = 1.0) -> torch.Tensor:
+    """Ancestral Euler: a deterministic step down to sigma_down, then fresh noise back up to sigma_next.
+    Flow models use ComfyUI's RF variant (sigma_down = s'^2 / s at eta 1, rescaled by alpha' / alpha_down)."""
     x = x.to(torch.float32)
     for i in range(len(sigmas) - 1):
         s, s_next = float(sigmas[i]), float(sigmas[i + 1])
         d = _denoised(model, x, sigmas[i])
         if s_next == 0:
             x = d
-        else:
+        elif noising is FLOW:
             down = s_next * (1 + (s_next / s - 1) * eta)
             alpha_next, alpha_down = 1 - s_next, 1 - down
             x = (down / s) * x + (1 - down / s) * d
             if eta > 0:
                 c_noise = math.sqrt(max(0.0, s_next**2 - down**2 * alpha_next**2 / alpha_down**2))
                 x = (alpha_next / alpha_down) * x + _noise_like(x, generator) * s_noise * c_noise
+        else:
+            up = min(s_next, eta * math.sqrt(s_next**2 * (s**2 - s_next**2) / s**2))
+            down = math.sqrt(s_next**2 - up**2)
+            x = x + (x - d) / s * (down - s) + _noise_like(x, generator) * s_noise * up
         if callback is not None:
             callback(i, x, sigmas[i])
     return x
 
 
+@register("lcm")
 def lcm(model: Model, x: torch.Tensor, sigmas: torch.Tensor, callback: Callback | None = None,
-        generator: torch.Generator | None = None) -> torch.Tensor:
-    """LCM: jump to the denoised estimate, then re-noise it to the next sigma."""
+        generator: torch.Generator | None = None, noising: Noising = FLOW) -> torch.Tensor:
+    """LCM: jump to the denoised estimate D, then re-noise it to the next sigma: alpha' D + s' eps."""
     x = x.to(torch.float32)
     for i in range(len(sigmas) - 1):
         x = _denoised(model, x, sigmas[i])
         s_next = float(sigmas[i + 1])
         if s_next > 0:
-            x = s_next * _noise_like(x, generator) + (1 - s_next) * x
+            x = noising.alpha(s_next) * x + s_next * _noise_like(x, generator)
         if callback is not None:
             callback(i, x, sigmas[i])
     return x
-
-
-SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
-    "euler": euler, "euler_ancestral": euler_ancestral, "heun": heun, "dpmpp_2m": dpmpp_2m,
-    "res_multistep": res_multistep, "lcm": lcm,
-}
