@@ -86,3 +86,20 @@ def test_unconditional_pass_skipped_at_scale_one():
     assert calls == ["cond"]
     guided_model(predict, "cond", "uncond", 2.0)(torch.ones(1), torch.tensor(0.5))
     assert calls == ["cond", "cond", "uncond"]
+
+
+@pytest.mark.parametrize("steps", [4, 8])
+def test_lightning_schedule_matches_diffusers(steps):
+    """The Lightning LoRAs' scheduler config (base_shift = max_shift = ln 3, shift_terminal None), as
+    `--preset lightning` sets it through the family's default_sigmas."""
+    import math
+
+    import numpy as np
+
+    from flowtuner.families import get_family
+
+    config = {**QWEN_SCHEDULER, "base_shift": math.log(3), "max_shift": math.log(3), "shift_terminal": None}
+    sched = FlowMatchEulerDiscreteScheduler(**config)
+    sched.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=dynamic_mu(4096, base_shift=math.log(3), max_shift=math.log(3)))
+    ours = get_family("qwen_image").default_sigmas(steps, 4096, base_shift=math.log(3), max_shift=math.log(3), shift_terminal=0.0)
+    assert torch.equal(ours, sched.sigmas)

@@ -26,7 +26,7 @@ def test_components_are_freed_by_refcount(tiny_files, monkeypatch):
             return obj
 
         monkeypatch.setattr(family, name, tracking)
-    jobs = [Job("a red circle", " ", 32, 32, 2, 4.0, None, 0)]
+    jobs = [Job(prompt="a red circle", negative_prompt=" ", height=32, width=32, steps=2, guidance_scale=4.0, seed=0)]
     gc.disable()
     try:
         conds = encode_prompts(family, paths, jobs, torch.device("cpu"))

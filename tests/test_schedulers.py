@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -54,3 +55,22 @@ def test_sigmas_command_prints_json_and_plots(tmp_path, capsys):
     assert out["simple"] == pytest.approx(AURA_31["simple"], abs=2e-6)
     assert len(out["reference"]) == 11 and out["reference"][-2] == pytest.approx(0.02, abs=1e-6)
     assert plot.exists()
+
+
+def test_sigmas_command_model_sampling_modes(capsys):
+    """--model_sampling flux takes mu from the image size (ComfyUI's ModelSamplingFlux: 1.15 at 1024^2,
+    0.63 at 512^2); --mu fixes it; the reference schedule takes --base_shift/--max_shift/--shift_terminal."""
+    from flowtuner.flow.model_sampling import flux, flux_mu
+
+    assert flux_mu(1024, 1024) == pytest.approx(1.15) and flux_mu(512, 512) == pytest.approx(0.63)
+    assert flux_mu(1328, 1328) == pytest.approx(1.622773, abs=1e-6)
+    assert main(["sigmas", "--scheduler", "simple", "--steps", "10", "--model_sampling", "flux", "--image_size", "512", "512"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["simple"] == pytest.approx(SCHEDULERS["simple"](flux(0.63), 10).tolist(), abs=1e-6)
+    assert main(["sigmas", "--scheduler", "simple", "--steps", "10", "--mu", "1.15"]) == 0
+    assert json.loads(capsys.readouterr().out)["simple"] == pytest.approx(FLUX_115["simple"], abs=2e-6)
+    assert main(["sigmas", "--scheduler", "reference", "--steps", "4", "--base_shift", str(math.log(3)),
+                 "--max_shift", str(math.log(3)), "--shift_terminal", "0"]) == 0
+    lightning = json.loads(capsys.readouterr().out)["reference"]
+    assert lightning == pytest.approx([1.0, 0.9, 0.75, 0.5, 0.0], abs=1e-6)  # shift 3: 3s / (1 + 2s) at s = 1, .75, .5, .25
+    assert main(["sigmas", "--scheduler", "simple", "--steps", "4", "--shift", "3", "--mu", "1"]) == 2

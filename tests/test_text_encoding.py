@@ -73,8 +73,8 @@ def test_repeated_prompts_are_encoded_once(monkeypatch):
             assert device == torch.device("cpu")
             return Counting()
 
-    jobs = [generate.Job("a", " ", 64, 64, 2, 4.0, None, 0), generate.Job("a", " ", 64, 64, 2, 4.0, None, 1),
-            generate.Job("b", "x", 64, 64, 2, 1.0, None, 0)]
+    jobs = [generate.Job(prompt="a", negative_prompt=" ", height=64, width=64, steps=2, guidance_scale=4.0, seed=0), generate.Job(prompt="a", negative_prompt=" ", height=64, width=64, steps=2, guidance_scale=4.0, seed=1),
+            generate.Job(prompt="b", negative_prompt="x", height=64, width=64, steps=2, guidance_scale=1.0, seed=0)]
     conds = generate.encode_prompts(Fam(), None, jobs, torch.device("cpu"))
     assert sorted(seen) == [" ", "a", "b"]  # "x" is unused at guidance 1.0
     assert set(conds) == {"a", " ", "b"}

@@ -6,7 +6,7 @@ from __future__ import annotations
 import gc
 import logging
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -15,46 +15,24 @@ from tqdm import tqdm
 from flowtuner import __version__
 from flowtuner.config.generate import GenerateConfig
 from flowtuner.config.prompt_lines import read_prompt_file
+from flowtuner.config.sampling import sampling_fields
 from flowtuner.errors import ConfigError
 from flowtuner.families import get_family
-from flowtuner.families.base import Conditioning, Denoiser, Family, ModelPaths
-from flowtuner.flow.samplers import SAMPLERS
-from flowtuner.guidance import guided_model
+from flowtuner.families.base import Conditioning, Family, ModelPaths
+from flowtuner.init_images import encode_init_images, init_key, needs_codec, read_image_size
 from flowtuner.outputs import save_latent, save_png
+from flowtuner.sampling import InitImage, Job, check_sampling, check_size, sample_job, step_count
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class Job:
-    """One prompt's settings; `num_images` images with seeds seed, seed + 1, ..."""
-
-    prompt: str
-    negative_prompt: str | None
-    height: int
-    width: int
-    steps: int
-    guidance_scale: float
-    flow_shift: float | None
-    seed: int
-    num_images: int = 1
-    sampler: str = "euler"
-    scheduler: str = "reference"
-    shift: float | None = None
-    guidance: tuple[str, ...] = ()
-
-
-def check_size(height: int, width: int, step: int, flag: str = "--image_size") -> None:
-    bad = [v for v in (height, width) if v <= 0 or v % step]
-    if bad:
-        near = [max(step, int(v / step + 0.5) * step) for v in (height, width)]  # ties round up
-        raise ConfigError(f"{flag} {height} {width}: height and width must be positive multiples of {step}; nearest valid: {near[0]} {near[1]}.")
+DEFAULT_SIZE = (1024, 1024)
 
 
 def make_jobs(cfg: GenerateConfig, size_step: int) -> list[Job]:
-    base = dict(height=cfg.image_size[0], width=cfg.image_size[1], steps=cfg.infer_steps,
-                guidance_scale=cfg.guidance_scale, flow_shift=cfg.flow_shift, negative_prompt=cfg.negative_prompt,
-                sampler=cfg.sampler, scheduler=cfg.scheduler, shift=cfg.shift, guidance=tuple(cfg.guidance or ()),
+    base = {name: getattr(cfg, name) for name in sampling_fields()}
+    base.update(steps=cfg.infer_steps, guidance_scale=cfg.guidance_scale, negative_prompt=cfg.negative_prompt,
+                image=cfg.image, mask=cfg.mask, strength=cfg.strength,
                 seed=cfg.seed if cfg.seed is not None else random.randrange(2**31))
     if cfg.from_file:
         lines = read_prompt_file(cfg.from_file)
@@ -64,10 +42,12 @@ def make_jobs(cfg: GenerateConfig, size_step: int) -> list[Job]:
         raise ConfigError("no prompt: pass --prompt TEXT or --from_file FILE.")
     jobs = []
     for prompt, overrides in lines:
-        job = Job(prompt=prompt, num_images=cfg.num_images, **{**base, **overrides})
+        settings = {**base, **overrides}
+        size = default_size(cfg.image_size, settings.get("image"), size_step)
+        settings.setdefault("height", size[0])
+        settings.setdefault("width", size[1])
+        job = Job(prompt=prompt, num_images=cfg.num_images, **settings)
         check_size(job.height, job.width, size_step, "--image_size" if "height" not in overrides else "--h/--w")
-        if job.steps < 1:
-            raise ConfigError(f"steps must be >= 1, got {job.steps}.")
         check_sampling(job)
         if job.guidance_scale > 1 and job.negative_prompt is None:
             job.negative_prompt = " "  # musubi-tuner crashes without one; the reference uses " "
@@ -75,31 +55,14 @@ def make_jobs(cfg: GenerateConfig, size_step: int) -> list[Job]:
     return jobs
 
 
-def check_sampling(job: Job) -> None:
-    from flowtuner.flow.schedulers import SCHEDULERS
-
-    if job.sampler not in SAMPLERS:
-        raise ConfigError(f"sampler {job.sampler!r}: unknown; choose one of {', '.join(SAMPLERS)}.")
-    if job.scheduler != "reference" and job.scheduler not in SCHEDULERS:
-        raise ConfigError(f"scheduler {job.scheduler!r}: unknown; choose reference or one of {', '.join(SCHEDULERS)}.")
-    if job.scheduler == "reference" and job.shift is not None:
-        raise ConfigError("--shift sets the sigma table of the ComfyUI schedulers; with the reference scheduler use --flow_shift.")
-    if job.scheduler != "reference" and job.flow_shift is not None:
-        raise ConfigError("--flow_shift applies to the reference scheduler; with ComfyUI schedulers use --shift.")
-    from flowtuner.guidance.methods import parse_guidance
-
-    for text in job.guidance:
-        parse_guidance(text)
-
-
-def job_sigmas(family: Family, job: Job, geometry) -> torch.Tensor:
-    if job.scheduler == "reference":
-        return family.default_sigmas(job.steps, geometry, job.flow_shift)
-    from flowtuner.flow.model_sampling import aura_flow
-    from flowtuner.flow.schedulers import SCHEDULERS
-
-    table = aura_flow(job.shift) if job.shift is not None else family.comfy_model_sampling()
-    return SCHEDULERS[job.scheduler](table, job.steps)
+def default_size(image_size: list[int] | None, image: str | None, step: int) -> tuple[int, int]:
+    """--image_size, else the --image's size floored to multiples of `step`, else 1024 x 1024."""
+    if image_size:
+        return image_size[0], image_size[1]
+    if image:
+        width, height = read_image_size(image)
+        return max(step, height // step * step), max(step, width // step * step)
+    return DEFAULT_SIZE
 
 
 def pick_device(name: str | None) -> torch.device:
@@ -129,25 +92,6 @@ def encode_prompts(family: Family, paths: ModelPaths, jobs: list[Job], device: t
     del encoder
     release_cache()
     return conds
-
-
-@torch.no_grad()
-def sample_job(denoiser: Denoiser, family: Family, job: Job, conds: dict[str, Conditioning],
-               on_step=None) -> list[tuple[Job, int, torch.Tensor]]:
-    geometry = denoiser.geometry(job.height, job.width)
-    sigmas = job_sigmas(family, job, geometry)
-    uncond = conds.get(job.negative_prompt) if job.guidance_scale > 1 else None
-    from flowtuner.guidance.methods import parse_guidance
-
-    model = guided_model(lambda x, s, c: denoiser.predict(x, s, c, geometry), conds[job.prompt], uncond,
-                         job.guidance_scale, denoiser.feature_dim,
-                         methods=[parse_guidance(t) for t in job.guidance], grid=denoiser.grid(geometry))
-    out = []
-    for seed in range(job.seed, job.seed + job.num_images):
-        x = SAMPLERS[job.sampler](model, denoiser.noise(geometry, seed), sigmas, callback=on_step,
-                                  generator=torch.Generator().manual_seed(seed))  # ancestral / LCM noise
-        out.append((job, seed, denoiser.to_latents(x, geometry).cpu()))
-    return out
 
 
 def lora_pairs(cfg: GenerateConfig) -> list[tuple[str, float]]:
@@ -181,10 +125,14 @@ def save_merged(family: Family, paths: ModelPaths, cfg: GenerateConfig) -> Path:
 
 
 def sample_all(family: Family, paths: ModelPaths, jobs: list[Job], conds: dict[str, Conditioning],
-               device: torch.device, attn_mode: str, loras: list[tuple[str, float]] = ()) -> list[tuple[Job, int, torch.Tensor]]:
+               device: torch.device, attn_mode: str, loras: list[tuple[str, float]] = (),
+               inits: dict[tuple, InitImage] | None = None) -> list[tuple[Job, int, torch.Tensor]]:
     denoiser = load_denoiser_with_loras(family, paths, device, attn_mode, list(loras))
-    with tqdm(total=sum(j.steps * j.num_images for j in jobs), desc="sampling", unit="step") as bar:
-        results = [r for job in jobs for r in sample_job(denoiser, family, job, conds, lambda *_: bar.update())]
+    inits = inits or {}
+    total = sum(step_count(family, j, denoiser.geometry(j.height, j.width).image_tokens) * j.num_images for j in jobs)
+    with tqdm(total=total, desc="sampling", unit="step") as bar:
+        results = [r for job in jobs
+                   for r in sample_job(denoiser, family, job, conds, lambda *_: bar.update(), inits.get(init_key(job)))]
     del denoiser
     release_cache()
     return results
@@ -205,10 +153,16 @@ def run(cfg: GenerateConfig, family_name: str = "qwen_image") -> list[Path]:
         return [save_merged(family, paths, cfg)]
     jobs = make_jobs(cfg, family.size_step)
     decode = cfg.output_type in ("images", "latent_images")
-    family.validate(paths, ("text_encoder", "dit") + (("vae",) if decode else ()))
+    family.validate(paths, ("text_encoder", "dit") + (("vae",) if decode or needs_codec(jobs) else ()))
     device = pick_device(cfg.device)
     conds = encode_prompts(family, paths, jobs, torch.device("cpu") if cfg.text_encoder_cpu else device)
-    results = sample_all(family, paths, jobs, conds, device, cfg.attn_mode, lora_pairs(cfg))
+    inits = {}
+    if needs_codec(jobs):
+        codec = family.load_codec(paths, device)
+        inits = encode_init_images(codec, jobs)
+        del codec
+        release_cache()
+    results = sample_all(family, paths, jobs, conds, device, cfg.attn_mode, lora_pairs(cfg), inits)
     out_dir, written = Path(cfg.save_path), []
     if cfg.output_type in ("latent", "latent_images"):
         written += [save_latent(lat, out_dir, params_of(job, seed, paths)) for job, seed, lat in results]

@@ -14,9 +14,12 @@ exactly one place (its denoiser's `predict`).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from flowtuner.errors import ConfigError
 
 import torch
 
@@ -85,6 +88,10 @@ class Denoiser(ABC):
     def from_latents(self, latents: torch.Tensor) -> tuple[torch.Tensor, LatentGeometry]:
         """Cached latents (the VAE's layout) -> (sampler state, geometry): the training input."""
 
+    def perturbed_attention(self, blocks: str) -> AbstractContextManager:
+        """A context in which `predict` runs with identity self-attention in `blocks` (PAG)."""
+        raise ConfigError(f"--guidance pag: {type(self).__name__} has no perturbed-attention pass.")
+
 
 class ImageCodec(ABC):
     @abstractmethod
@@ -143,5 +150,6 @@ class Family(ABC):
         """The sigma table ComfyUI gives this model by default (for its schedulers)."""
 
     @abstractmethod
-    def default_sigmas(self, steps: int, geometry: LatentGeometry, flow_shift: float | None) -> torch.Tensor:
-        """The family's reference schedule (steps + 1 values, ending in 0)."""
+    def default_sigmas(self, steps: int, image_tokens: int, **overrides: float) -> torch.Tensor:
+        """The family's reference schedule (steps + 1 values, ending in 0). `overrides`: flow_shift,
+        base_shift, max_shift, shift_terminal (the `--` flags of the same names)."""

@@ -56,3 +56,10 @@ def aura_flow(shift: float) -> FlowSampling:
 
 def flux(mu: float) -> FlowSampling:
     return FlowSampling(f"flux(mu={mu})", lambda t: time_snr_shift(math.exp(mu), t), 10000)
+
+
+def flux_mu(height: int, width: int, base_shift: float = 0.5, max_shift: float = 1.15) -> float:
+    """ComfyUI's ModelSamplingFlux: mu linear in the number of 16x16-pixel tokens, base_shift at 256
+    tokens, max_shift at 4096."""
+    m = (max_shift - base_shift) / (4096 - 256)
+    return (width * height / (8 * 8 * 2 * 2)) * m + (base_shift - m * 256)

@@ -52,7 +52,7 @@ def _noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Ten
 @register("euler")
 def euler(model: Model, x: torch.Tensor, sigmas: torch.Tensor, callback: Callback | None = None, generator=None,
           noising: Noising = FLOW) -> torch.Tensor:
-    """x <- x + (sigma_next - sigma) d, d = (x - D) / sigma (the velocity for flow models). First order."""
+    """x <- x + (sigma' - sigma) d. First order, one call per step; the reference pipeline's sampler."""
     x = x.to(torch.float32)
     for i in range(len(sigmas) - 1):
         v = model(x, sigmas[i]).to(torch.float32)
@@ -65,8 +65,9 @@ def euler(model: Model, x: torch.Tensor, sigmas: torch.Tensor, callback: Callbac
 @register("heun")
 def heun(model: Model, x: torch.Tensor, sigmas: torch.Tensor, callback: Callback | None = None, generator=None,
          noising: Noising = FLOW) -> torch.Tensor:
-    """Trapezoidal: the mean of d at both ends of an Euler step; the step to sigma 0 is Euler. Second
-    order, two model calls per step."""
+    """x <- x + (sigma' - sigma) (d + d(x_euler, sigma')) / 2. Second order, two calls per step.
+
+    The step to sigma 0 is plain Euler."""
     x = x.to(torch.float32)
     for i in range(len(sigmas) - 1):
         s, s_next = sigmas[i], sigmas[i + 1]
@@ -85,8 +86,9 @@ def heun(model: Model, x: torch.Tensor, sigmas: torch.Tensor, callback: Callback
 @register("dpmpp_2m")
 def dpmpp_2m(model: Model, x: torch.Tensor, sigmas: torch.Tensor, callback: Callback | None = None, generator=None,
              noising: Noising = FLOW) -> torch.Tensor:
-    """DPM-Solver++(2M), lambda = -log sigma (as ComfyUI, not flow-specific): x <- (s'/s) x - expm1(-h) D',
-    D' = (1 + 1/2r) D_i - (1/2r) D_(i-1). Second order from the second step."""
+    """x <- (s'/s) x - expm1(-h) D', D' = (1 + 1/2r) D - D_prev/2r, h in -log sigma. Second order, one call.
+
+    DPM-Solver++(2M) with lambda = -log sigma, as ComfyUI (not flow-specific)."""
     x = x.to(torch.float32)
     old = None
     for i in range(len(sigmas) - 1):
@@ -120,8 +122,10 @@ def _offset_first_sigma(sigmas: torch.Tensor, noising: Noising, offset: float = 
 def dpmpp_2m_sde(model: Model, x: torch.Tensor, sigmas: torch.Tensor, callback: Callback | None = None,
                  generator: torch.Generator | None = None, noising: Noising = FLOW, eta: float = 1.0,
                  s_noise: float = 1.0) -> torch.Tensor:
-    """DPM-Solver++(2M) SDE, midpoint variant, in half-logSNR lambda = log(alpha / sigma):
-    x <- (s'/s) e^(-h eta) x + alpha' (1 - e^(-h(1 + eta))) D (+ the 2M correction) + s' sqrt(1 - e^(-2 h eta)) eps.
+    """x <- (s'/s) e^(-h) x + alpha' (1 - e^(-2h)) D' + s' sqrt(1 - e^(-2h)) eps, h in log(alpha/sigma). Stochastic.
+
+    DPM-Solver++(2M) SDE, midpoint variant, at eta = 1 (in general: e^(-h eta), 1 - e^(-h(1 + eta)),
+    sqrt(1 - e^(-2 h eta))), in the half-logSNR lambda = log(alpha / sigma).
     ComfyUI draws eps from a Brownian tree (torchsde); here it is a fresh N(0, 1) per step from `generator`,
     the same distribution (tree increments over disjoint intervals are independent), other values."""
     x = x.to(torch.float32)
@@ -159,8 +163,9 @@ def _phi2(z: float) -> float:
 @register("res_multistep")
 def res_multistep(model: Model, x: torch.Tensor, sigmas: torch.Tensor, callback: Callback | None = None, generator=None,
                   noising: Noising = FLOW) -> torch.Tensor:
-    """RES 2-step multistep (eta = 0), exponential integrator in lambda = -log sigma with phi-function
-    weights on D_i, D_(i-1); Euler on the first step and the step to 0."""
+    """x <- e^(-h) x + h (b1 D + b2 D_prev), phi-function weights, h in -log sigma (RES). Second order, one call.
+
+    Euler on the first step and on the step to 0."""
     x = x.to(torch.float32)
     old, old_sigma = None, None
     for i in range(len(sigmas) - 1):
@@ -184,7 +189,8 @@ def res_multistep(model: Model, x: torch.Tensor, sigmas: torch.Tensor, callback:
 def euler_ancestral(model: Model, x: torch.Tensor, sigmas: torch.Tensor, callback: Callback | None = None,
                     generator: torch.Generator | None = None, noising: Noising = FLOW, eta: float = 1.0,
                     s_noise: float = 1.0) -> torch.Tensor:
-    """Ancestral Euler: a deterministic step down to sigma_down, then fresh noise back up to sigma_next.
+    """Step down to sigma_down, add fresh noise back up to sigma'. Stochastic: fresh detail each step; images change with the step count.
+
     Flow models use ComfyUI's RF variant (sigma_down = s'^2 / s at eta 1, rescaled by alpha' / alpha_down)."""
     x = x.to(torch.float32)
     for i in range(len(sigmas) - 1):
@@ -211,7 +217,7 @@ def euler_ancestral(model: Model, x: torch.Tensor, sigmas: torch.Tensor, callbac
 @register("lcm")
 def lcm(model: Model, x: torch.Tensor, sigmas: torch.Tensor, callback: Callback | None = None,
         generator: torch.Generator | None = None, noising: Noising = FLOW) -> torch.Tensor:
-    """LCM: jump to the denoised estimate D, then re-noise it to the next sigma: alpha' D + s' eps."""
+    """x <- alpha' D + s' eps: jump to D, re-noise to the next sigma. For LCM / few-step distilled models."""
     x = x.to(torch.float32)
     for i in range(len(sigmas) - 1):
         x = _denoised(model, x, sigmas[i])

@@ -24,6 +24,7 @@ def _append_zero(s: torch.Tensor) -> torch.Tensor:
 
 @register("simple")
 def simple(ms: FlowSampling, steps: int) -> torch.Tensor:
+    """sigma_i = S[L - 1 - int(i L / N)]: evenly spaced table entries (ComfyUI's default for flow models)."""
     table, step = ms.table, ms.length / steps
     return _append_zero(torch.stack([table[ms.length - 1 - int(i * step)] for i in range(steps)]))
 
@@ -34,6 +35,7 @@ def _timestep_linspace(ms: FlowSampling, n: int) -> torch.Tensor:
 
 @register("normal")
 def normal(ms: FlowSampling, steps: int) -> torch.Tensor:
+    """sigma(linspace(t_max, t_min, N + 1)); on flow tables the last non-zero sigma is shifted twice."""
     end = float(ms.sigma(ms.timestep(torch.tensor(ms.sigma_min, dtype=torch.float64))))
     if math.isclose(end, 0.0, abs_tol=1e-5):
         return ms.sigma(_timestep_linspace(ms, steps + 1).double()).float()
@@ -42,11 +44,13 @@ def normal(ms: FlowSampling, steps: int) -> torch.Tensor:
 
 @register("sgm_uniform")
 def sgm_uniform(ms: FlowSampling, steps: int) -> torch.Tensor:
+    """sigma(linspace(t_max, t_min, N + 1)[:-1]), then 0."""
     return _append_zero(ms.sigma(_timestep_linspace(ms, steps + 1)[:-1].double()))
 
 
 @register("karras")
 def karras(ms: FlowSampling, steps: int, rho: float = 7.0) -> torch.Tensor:
+    """(s_max^(1/7) + r (s_min^(1/7) - s_max^(1/7)))^7: dense at low sigma (made for VE models)."""
     ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
     lo, hi = ms.sigma_min ** (1 / rho), ms.sigma_max ** (1 / rho)
     return _append_zero((hi + ramp * (lo - hi)) ** rho)
@@ -54,11 +58,13 @@ def karras(ms: FlowSampling, steps: int, rho: float = 7.0) -> torch.Tensor:
 
 @register("exponential")
 def exponential(ms: FlowSampling, steps: int) -> torch.Tensor:
+    """exp(linspace(log s_max, log s_min, N)): even in log sigma."""
     return _append_zero(torch.linspace(math.log(ms.sigma_max), math.log(ms.sigma_min), steps, dtype=torch.float64).exp())
 
 
 @register("kl_optimal")
 def kl_optimal(ms: FlowSampling, steps: int) -> torch.Tensor:
+    """tan(a atan(s_min) + (1 - a) atan(s_max)), a = i/(N - 1)."""
     if steps < 2:
         return torch.tensor([ms.sigma_max, 0.0])  # ComfyUI divides by zero here
     a = torch.arange(steps, dtype=torch.float64) / (steps - 1)
@@ -67,6 +73,7 @@ def kl_optimal(ms: FlowSampling, steps: int) -> torch.Tensor:
 
 @register("linear_quadratic")
 def linear_quadratic(ms: FlowSampling, steps: int, threshold: float = 0.025) -> torch.Tensor:
+    """1 - sigma linear to 0.025 over the first N/2 steps, then quadratic to 1 (Mochi / LTX-style)."""
     if steps == 1:
         return torch.tensor([ms.sigma_max, 0.0])
     lin_steps = steps // 2
@@ -116,6 +123,7 @@ def beta_ppf(q: np.ndarray, a: float, b: float) -> np.ndarray:
 
 @register("beta")
 def beta(ms: FlowSampling, steps: int, alpha: float = 0.6, beta_: float = 0.6) -> torch.Tensor:
+    """S[rint(BetaPPF(1 - i/N; 0.6, 0.6) (L - 1))], repeats dropped: dense at both ends."""
     r = 1 - np.linspace(0, 1, steps, endpoint=False)
     idx = np.rint(beta_ppf(r, alpha, beta_) * (ms.length - 1)).astype(int)
     keep = [int(i) for n, i in enumerate(idx) if n == 0 or i != idx[n - 1]]

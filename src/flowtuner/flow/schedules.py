@@ -40,16 +40,17 @@ def stretch_to_terminal(sigmas: np.ndarray, terminal: float) -> np.ndarray:
 
 
 def reference_sigmas(
-    steps: int, image_tokens: int, flow_shift: float | None = None, terminal: float | None = 0.02
+    steps: int, image_tokens: int, flow_shift: float | None = None, terminal: float | None = 0.02,
+    base_shift: float = 0.5, max_shift: float = 0.9,
 ) -> torch.Tensor:
     """Qwen-Image's schedule: linspace(1, 1/N, N), then the dynamic exponential shift with mu from the
-    image token count (or the SD3 shift `flow_shift` when given), stretched to end at `terminal`,
-    then 0 appended."""
+    image token count (or the SD3 shift `flow_shift` when given), stretched to end at `terminal`
+    (0 / None: no stretch, as diffusers treats a falsy shift_terminal), then 0 appended."""
     if steps < 1:
         raise ValueError("steps must be >= 1")
     sigmas = np.linspace(1.0, 1 / steps, steps).astype(np.float32)
     if flow_shift is None:
-        sigmas = exponential_shift(sigmas, dynamic_mu(image_tokens))
+        sigmas = exponential_shift(sigmas, dynamic_mu(image_tokens, base_shift=base_shift, max_shift=max_shift))
     else:
         sigmas = sd3_shift(sigmas, flow_shift)
     if terminal:

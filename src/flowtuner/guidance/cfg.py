@@ -7,6 +7,7 @@ rescaled, per location, to the norm of the conditional one (norms over the featu
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 import torch
 
@@ -38,11 +39,13 @@ def guided_model(
     cfg: str = "norm_rescale",
     methods: list[tuple[str, dict]] | None = None,
     grid: tuple[Callable, Callable] | None = None,
+    perturb: Callable[[str], AbstractContextManager] | None = None,
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """A `model(x, sigma) -> v` for the samplers. The unconditional pass is skipped when scale <= 1.
-    `methods` (name, params) are guidance hooks run on the image grid (`grid` = (to_grid, from_grid))."""
+    `methods` (name, params) are guidance hooks run on the image grid (`grid` = (to_grid, from_grid));
+    `perturb(blocks)` is a context in which the model runs with perturbed attention (for PAG)."""
     if methods:
-        return _hooked_model(predict, cond, uncond, scale, feature_dim, cfg, methods, grid)
+        return _hooked_model(predict, cond, uncond, scale, feature_dim, cfg, methods, grid, perturb)
     if uncond is None or scale <= 1.0:
         return lambda x, sigma: predict(x, sigma, cond)
     combine = CFG_FUNCTIONS[cfg]
@@ -55,7 +58,7 @@ def guided_model(
     return model
 
 
-def _hooked_model(predict, cond, uncond, scale, feature_dim, cfg, methods, grid):
+def _hooked_model(predict, cond, uncond, scale, feature_dim, cfg, methods, grid, perturb):
     """pre-CFG hooks -> one CFG function -> post-CFG hooks, on denoised predictions D = x - sigma v in the
     image-grid layout. Without a CFG-stage method the family's own CFG (here: true CFG with norm rescale,
     on velocities) combines the hooked predictions."""
@@ -72,7 +75,8 @@ def _hooked_model(predict, cond, uncond, scale, feature_dim, cfg, methods, grid)
         s = float(sigma)
         v_c = predict(x, sigma, cond).to(torch.float32)
         v_u = predict(x, sigma, uncond).to(torch.float32) if uncond is not None and scale > 1 else None
-        step = Step(to_grid(x), s, scale, to_grid(x - s * v_c), None if v_u is None else to_grid(x - s * v_u))
+        step = Step(to_grid(x), s, scale, to_grid(x - s * v_c), None if v_u is None else to_grid(x - s * v_u),
+                    perturbed=lambda blocks: _perturbed_pass(predict, perturb, x, sigma, cond, blocks, to_grid))
         for method, params, state in chain:
             if method.stage == "pre":
                 step.cond, step.uncond = method.fn(step, params, state)
@@ -91,3 +95,14 @@ def _hooked_model(predict, cond, uncond, scale, feature_dim, cfg, methods, grid)
         return (x - from_grid(d)) / s
 
     return model
+
+
+def _perturbed_pass(predict, perturb, x, sigma, cond, blocks: str, to_grid) -> torch.Tensor:
+    """D of the conditional pass with perturbed attention in `blocks` (one extra forward)."""
+    if perturb is None:
+        from flowtuner.errors import ConfigError
+
+        raise ConfigError("--guidance pag: this model family has no perturbed-attention pass.")
+    with perturb(blocks):
+        v = predict(x, sigma, cond).to(torch.float32)
+    return to_grid(x - float(sigma) * v)

@@ -25,11 +25,12 @@ class Step:
     scale: float
     cond: torch.Tensor  # D_c
     uncond: torch.Tensor | None  # D_u (None when the unconditional pass is skipped)
+    perturbed: Callable[[str], torch.Tensor] | None = None  # blocks -> D_c with perturbed attention there
 
 
 @dataclass
 class Method:
-    stage: str  # "pre", "cfg" or "post"
+    stage: str  # "pre", "cfg", "post", or "mask" (a denoise-mask function for inpainting)
     fn: Callable
     defaults: dict
     help: str
@@ -146,15 +147,49 @@ def fresca(s: Step, p: dict, state: dict) -> tuple[torch.Tensor, torch.Tensor | 
     return s.uncond + g2, s.uncond
 
 
+def pag(s: Step, d: torch.Tensor, p: dict, state: dict) -> torch.Tensor:
+    """Perturbed-attention guidance: D + scale (D_c - D_pag), D_pag = the conditional pass with the image
+    self-attention of `blocks` replaced by the identity (one extra forward per step)."""
+    if p["scale"] == 0:
+        return d
+    return d + p["scale"] * (s.cond - s.perturbed(p["blocks"]))
+
+
+def differential_diffusion(mask: torch.Tensor, sigma_from: float, sigma_to: float, p: dict) -> Callable[[float], torch.Tensor]:
+    """DifferentialDiffusion: the soft mask becomes, at each sigma, the region mask >= threshold, the
+    threshold falling linearly in sigma from 1 at the first step to 0 at the end (flow models' timestep is
+    sigma). 0 < strength < 1 blends that with the soft mask; strength 0 acts as 1, as in ComfyUI."""
+    strength = p["strength"]
+
+    def at(sigma: float) -> torch.Tensor:
+        threshold = (sigma - sigma_to) / (sigma_from - sigma_to)
+        binary = (mask >= threshold).to(mask.dtype)
+        return strength * binary + (1 - strength) * mask if 0 < strength < 1 else binary
+
+    return at
+
+
 METHODS: dict[str, Method] = {
-    "rescale_cfg": Method("cfg", rescale_cfg, {"multiplier": 0.7}, "CFG rescaled toward the conditional std (v-space)"),
-    "renorm_cfg": Method("cfg", renorm_cfg, {"cfg_trunc": 100.0, "renorm_cfg": 1.0}, "CFG while sigma < cfg_trunc, norm capped"),
-    "cfg_norm": Method("post", cfg_norm, {"strength": 1.0}, "result scaled to at most the conditional norm per location"),
-    "cfg_zero_star": Method("post", cfg_zero_star, {}, "CFG-Zero*: optimised scale of the unconditional part"),
-    "mahiro": Method("post", mahiro, {}, "blend toward the scaled conditional by a similarity"),
-    "apg": Method("pre", apg, {"eta": 1.0, "norm_threshold": 5.0, "momentum": 0.0}, "adaptive projected guidance"),
-    "tcfg": Method("pre", tcfg, {}, "tangential damping of the unconditional score"),
-    "fresca": Method("pre", fresca, {"scale_low": 1.0, "scale_high": 1.25, "freq_cutoff": 20}, "frequency-scaled guidance"),
+    "rescale_cfg": Method("cfg", rescale_cfg, {"multiplier": 0.7},
+                          "CFG in VP v-space, v = m v_cfg std(v_c)/std(v_cfg) + (1 - m) v_cfg; tames over-saturation at high CFG"),
+    "renorm_cfg": Method("cfg", renorm_cfg, {"cfg_trunc": 100.0, "renorm_cfg": 1.0},
+                         "CFG only while sigma < cfg_trunc, |D_cfg| capped at renorm_cfg |D_c| (Lumina 2's)"),
+    "cfg_norm": Method("post", cfg_norm, {"strength": 1.0},
+                       "D min(1, |D_c|/|D|) strength, norms over channels per location (the official Qwen-Edit graph)"),
+    "cfg_zero_star": Method("post", cfg_zero_star, {},
+                            "uncond rescaled by alpha = <x - D_c, x - D_u> / |x - D_u|^2 (CFG-Zero*)"),
+    "mahiro": Method("post", mahiro, {},
+                     "blend D toward w D_c by the cosine of sqrt-signed uncond and merged predictions"),
+    "apg": Method("pre", apg, {"eta": 1.0, "norm_threshold": 5.0, "momentum": 0.0},
+                  "CFG on g = D_c - D_u with its part parallel to D_c x eta, |g| <= norm_threshold; high CFG without burn"),
+    "tcfg": Method("pre", tcfg, {},
+                   "uncond score x - D_u projected on the top singular direction of [uncond, cond] scores"),
+    "fresca": Method("pre", fresca, {"scale_low": 1.0, "scale_high": 1.25, "freq_cutoff": 20},
+                     "g = D_c - D_u in Fourier space: low frequencies x scale_low, high x scale_high (detail)"),
+    "pag": Method("post", pag, {"scale": 3.0, "blocks": "middle"},
+                  "D + scale (D_c - D_pag), D_pag with identity image self-attention in blocks (N, A-B, '+'); +1 forward/step"),
+    "differential_diffusion": Method("mask", differential_diffusion, {"strength": 1.0},
+                                     "soft --mask: mask >= (sigma - sigma_min)/(sigma_0 - sigma_min) regenerates; region grows as sigma falls"),
 }
 
 
@@ -162,7 +197,6 @@ UNAVAILABLE = {
     "sag": "self-attention guidance is a UNet method (it reads the UNet's middle-block attention); it arrives with the SDXL family",
     "freeu": "FreeU is a UNet method (it scales UNet skip connections); it arrives with the SDXL family",
     "freeu_v2": "FreeU_V2 is a UNet method (it scales UNet skip connections); it arrives with the SDXL family",
-    "pag": "perturbed-attention guidance for the Qwen-Image DiT is not available yet",
 }
 
 

@@ -6,7 +6,8 @@ from pathlib import Path
 
 from flowtuner.config.prompt_lines import read_prompt_file
 from flowtuner.families.base import Conditioning, Denoiser, Family, ImageCodec
-from flowtuner.generate import Job, check_sampling, check_size, sample_job
+from flowtuner.init_images import encode_init_images, init_key
+from flowtuner.sampling import Job, check_sampling, check_size, sample_job
 from flowtuner.outputs import save_png
 
 # musubi-tuner's sample defaults, except the flow shift: the model's dynamic shift, not a fixed 14.5
@@ -31,8 +32,9 @@ def prompts_of(jobs: list[Job]) -> list[str]:
 def write_samples(family: Family, denoiser: Denoiser, codec: ImageCodec, jobs: list[Job],
                   conds: dict[str, Conditioning], folder: Path, name: str, tag: str) -> list[Path]:
     out = []
+    inits = encode_init_images(codec, jobs)  # prompt lines may carry --image / --mask
     for i, job in enumerate(jobs):
-        for _, seed, latent in sample_job(denoiser, family, job, conds):
+        for _, seed, latent in sample_job(denoiser, family, job, conds, init=inits.get(init_key(job))):
             image = codec.decode(latent)[0]
             params = {**{k: v for k, v in vars(job).items() if k != "num_images"}, "seed": seed, "sampler": job.sampler}
             out.append(save_png(image, folder, params, stem=f"{name}_{tag}_{i:02d}_{seed}"))

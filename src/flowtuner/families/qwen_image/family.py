@@ -12,6 +12,7 @@ from flowtuner.errors import FlowtunerError
 from flowtuner.families.base import Conditioning, Denoiser, Family, LatentGeometry, ModelPaths
 from flowtuner.families.paths import require, resolve_paths
 from flowtuner.families.qwen_image.dit import DiTInfo, inspect_dit, load_dit
+from flowtuner.families.qwen_image.pag import identity_self_attention
 from flowtuner.families.qwen_image.text_encoder import (
     MAX_PROMPT_TOKENS, T2I_TEMPLATE, QwenTextEncoder, language_model_view, load_text_model,
 )
@@ -127,6 +128,9 @@ class QwenImageDenoiser(Denoiser):
         h, w = latents.shape[-2:]
         return pack(latents), self.geometry(h * VAE_FACTOR, w * VAE_FACTOR)
 
+    def perturbed_attention(self, blocks: str):
+        return identity_self_attention(self.dit, blocks)
+
 
 def set_attention(dit, attn_mode: str) -> None:
     if attn_mode not in ATTN_BACKENDS:
@@ -191,5 +195,8 @@ class QwenImageFamily(Family):
 
         return flux(1.15)  # ComfyUI: Qwen-Image is a FLUX-type model with shift (mu) 1.15
 
-    def default_sigmas(self, steps: int, geometry: LatentGeometry, flow_shift: float | None) -> torch.Tensor:
-        return reference_sigmas(steps, geometry.image_tokens, flow_shift)
+    def default_sigmas(self, steps: int, image_tokens: int, **overrides: float) -> torch.Tensor:
+        """diffusers' FlowMatchEulerDiscreteScheduler as Qwen/Qwen-Image configures it."""
+        if "shift_terminal" in overrides:
+            overrides["terminal"] = overrides.pop("shift_terminal")
+        return reference_sigmas(steps, image_tokens, **overrides)

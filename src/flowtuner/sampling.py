@@ -1,0 +1,199 @@
+"""One image job, from its settings to latents: the sigma schedule, the guided model, img2img / inpainting,
+the sampler. Shared by `flowtuner generate` and training previews; model-agnostic (the family supplies the
+denoiser and its defaults)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from flowtuner.config.sampling import CFG_MODES, MODEL_SAMPLINGS, SamplingConfig, ScheduleConfig
+from flowtuner.errors import ConfigError
+from flowtuner.families.base import Conditioning, Denoiser, Family
+from flowtuner.flow.samplers import SAMPLERS
+from flowtuner.guidance import guided_model
+from flowtuner.guidance.methods import METHODS, parse_guidance
+from flowtuner.guidance.masks import masked_model
+
+# ComfyUI's node defaults when --model_sampling names a node but --shift is not given
+NODE_SHIFT = {"aura_flow": 1.73, "sd3": 3.0}
+
+
+@dataclass(kw_only=True)
+class Job(SamplingConfig):
+    """One prompt's settings; `num_images` images with seeds seed, seed + 1, ..."""
+
+    prompt: str
+    negative_prompt: str | None = None
+    height: int
+    width: int
+    steps: int
+    guidance_scale: float
+    seed: int
+    num_images: int = 1
+    image: str | None = None  # img2img / inpainting source
+    mask: str | None = None  # white = change
+    strength: float | None = None  # None: diffusers' default, 0.6
+
+
+def check_size(height: int, width: int, step: int, flag: str = "--image_size") -> None:
+    bad = [v for v in (height, width) if v <= 0 or v % step]
+    if bad:
+        near = [max(step, int(v / step + 0.5) * step) for v in (height, width)]  # ties round up
+        raise ConfigError(f"{flag} {height} {width}: height and width must be positive multiples of {step}; nearest valid: {near[0]} {near[1]}.")
+
+
+def _choice(flag: str, value: str, valid) -> None:
+    if value not in valid:
+        raise ConfigError(f"{flag} {value!r}: unknown; choose one of {', '.join(valid)}.")
+
+
+def check_schedule(cfg: ScheduleConfig) -> None:
+    """Reject settings that would be silently ignored by the chosen scheduler."""
+    from flowtuner.flow.schedulers import SCHEDULERS
+
+    _choice("--scheduler", cfg.scheduler, ("reference", *SCHEDULERS))
+    _choice("--model_sampling", cfg.model_sampling, MODEL_SAMPLINGS)
+    comfy_only = {"--shift": cfg.shift, "--mu": cfg.mu, "--model_sampling": None if cfg.model_sampling == "default" else cfg.model_sampling}
+    reference_only = {"--flow_shift": cfg.flow_shift, "--shift_terminal": cfg.shift_terminal}
+    given = lambda flags: [k for k, v in flags.items() if v is not None]  # noqa: E731
+    if cfg.scheduler == "reference" and given(comfy_only):
+        raise ConfigError(f"{', '.join(given(comfy_only))} set the sigma table of the ComfyUI schedulers; with the reference "
+                          "scheduler use --flow_shift, --base_shift/--max_shift, --shift_terminal.")
+    if cfg.scheduler != "reference" and given(reference_only):
+        raise ConfigError(f"{', '.join(given(reference_only))} apply to the reference scheduler; with ComfyUI schedulers use "
+                          "--model_sampling with --shift, --mu or --base_shift/--max_shift.")
+    dynamic = cfg.base_shift is not None or cfg.max_shift is not None
+    if cfg.flow_shift is not None and dynamic:
+        raise ConfigError("--flow_shift replaces the dynamic shift; drop --base_shift/--max_shift or --flow_shift.")
+    if cfg.scheduler != "reference":
+        kind = comfy_kind(cfg)
+        if cfg.shift is not None and kind not in ("aura_flow", "sd3"):
+            raise ConfigError(f"--shift sets an AuraFlow/SD3 table; --model_sampling {kind} does not use it.")
+        if (cfg.mu is not None or dynamic) and kind != "flux":
+            raise ConfigError(f"--mu / --base_shift / --max_shift set a Flux table; --model_sampling {kind} does not use them.")
+        if cfg.mu is not None and dynamic:
+            raise ConfigError("--mu fixes the Flux exponent; drop --base_shift/--max_shift or --mu.")
+
+
+def check_sampling(job: Job) -> None:
+    _choice("--sampler", job.sampler, tuple(SAMPLERS))
+    _choice("--cfg_mode", job.cfg_mode, CFG_MODES)
+    check_schedule(job)
+    if job.steps < 1:
+        raise ConfigError(f"steps must be >= 1, got {job.steps}.")
+    methods = [parse_guidance(t) for t in job.guidance or ()]
+    if job.strength is not None and not 0 < job.strength <= 1:
+        raise ConfigError(f"--strength {job.strength}: must be in (0, 1].")
+    if job.mask and not job.image:
+        raise ConfigError("--mask needs --image: the mask says which parts of that image to change.")
+    if any(METHODS[n].stage == "mask" for n, _ in methods) and not job.mask:
+        raise ConfigError("--guidance differential_diffusion needs --image and --mask (a soft mask, white = change).")
+
+
+def comfy_kind(cfg: ScheduleConfig) -> str:
+    if cfg.model_sampling != "default":
+        return cfg.model_sampling
+    if cfg.shift is not None:
+        return "aura_flow"
+    if cfg.mu is not None or cfg.base_shift is not None or cfg.max_shift is not None:
+        return "flux"
+    return "default"
+
+
+def comfy_table(family: Family, cfg: ScheduleConfig, height: int, width: int):
+    """The sigma table ComfyUI's schedulers read, as the ModelSampling* node would install it."""
+    from flowtuner.flow.model_sampling import aura_flow, flux, flux_mu
+
+    kind = comfy_kind(cfg)
+    if kind == "default":
+        return family.comfy_model_sampling()
+    if kind in NODE_SHIFT:  # ModelSamplingSD3's x1000 timestep multiplier is the family's business here
+        return aura_flow(cfg.shift if cfg.shift is not None else NODE_SHIFT[kind])
+    if cfg.mu is not None:
+        return flux(cfg.mu)
+    base = 0.5 if cfg.base_shift is None else cfg.base_shift
+    top = 1.15 if cfg.max_shift is None else cfg.max_shift
+    return flux(flux_mu(height, width, base, top))
+
+
+def schedule(family: Family, cfg: ScheduleConfig, steps: int, height: int, width: int, image_tokens: int) -> tuple[torch.Tensor, float]:
+    """(sigmas ending in 0, the smallest sigma the model sampling knows: DifferentialDiffusion's floor)."""
+    from flowtuner.flow.schedulers import SCHEDULERS
+
+    if cfg.scheduler == "reference":
+        overrides = {"flow_shift": cfg.flow_shift, "base_shift": cfg.base_shift, "max_shift": cfg.max_shift,
+                     "shift_terminal": cfg.shift_terminal}
+        return family.default_sigmas(steps, image_tokens, **{k: v for k, v in overrides.items() if v is not None}), 0.0
+    table = comfy_table(family, cfg, height, width)
+    return SCHEDULERS[cfg.scheduler](table, steps), table.sigma_min
+
+
+def start_index(steps: int, strength: float) -> int:
+    """diffusers' img2img truncation, float arithmetic included (N = 20, strength 0.6 starts at step 7, not 8)."""
+    init = min(steps * strength, steps)
+    return int(max(steps - init, 0))
+
+
+def job_sigmas(family: Family, job: Job, image_tokens: int) -> tuple[torch.Tensor, float]:
+    sigmas, floor = schedule(family, job, job.steps, job.height, job.width, image_tokens)
+    if job.image:
+        sigmas = sigmas[start_index(len(sigmas) - 1, effective_strength(job)):]
+        if len(sigmas) < 2:
+            raise ConfigError(f"--strength {job.strength} with {job.steps} steps leaves no step to run; raise either.")
+    return sigmas, floor
+
+
+def effective_strength(job: Job) -> float:
+    return 0.6 if job.strength is None else job.strength
+
+
+def step_count(family: Family, job: Job, image_tokens: int) -> int:
+    return len(job_sigmas(family, job, image_tokens)[0]) - 1
+
+
+@dataclass
+class InitImage:
+    """img2img source latents (the VAE's layout) and the inpainting mask (1 = change) broadcast to them."""
+
+    latents: torch.Tensor
+    mask: torch.Tensor | None = None
+
+
+def mask_function(job: Job, mask: torch.Tensor, sigmas: torch.Tensor, floor: float) -> Callable[[float], torch.Tensor]:
+    methods = [(n, p) for n, p in (parse_guidance(t) for t in job.guidance or ()) if METHODS[n].stage == "mask"]
+    if not methods:
+        binary = (mask >= 0.5).to(torch.float32)  # diffusers binarises the mask at 0.5
+        return lambda sigma: binary
+    if len(methods) > 1:
+        raise ConfigError("--guidance: one mask method at a time.")
+    (name, params), = methods
+    return METHODS[name].fn(mask.to(torch.float32), float(sigmas[0]), max(floor, float(sigmas[-1])), params)
+
+
+@torch.no_grad()
+def sample_job(denoiser: Denoiser, family: Family, job: Job, conds: dict[str, Conditioning], on_step=None,
+               init: InitImage | None = None) -> list[tuple[Job, int, torch.Tensor]]:
+    geometry = denoiser.geometry(job.height, job.width)
+    sigmas, floor = job_sigmas(family, job, geometry.image_tokens)
+    uncond = conds.get(job.negative_prompt) if job.guidance_scale > 1 else None
+    hooks = [m for m in (parse_guidance(t) for t in job.guidance or ()) if METHODS[m[0]].stage != "mask"]
+    model = guided_model(lambda x, s, c: denoiser.predict(x, s, c, geometry), conds[job.prompt], uncond,
+                         job.guidance_scale, denoiser.feature_dim, cfg=job.cfg_mode, methods=hooks,
+                         grid=denoiser.grid(geometry), perturb=denoiser.perturbed_attention)
+    source = None if init is None else denoiser.from_latents(init.latents)[0].to(torch.float32)
+    mask_at = None if init is None or init.mask is None else mask_function(job, denoiser.from_latents(init.mask)[0], sigmas, floor)
+    out = []
+    for seed in range(job.seed, job.seed + job.num_images):
+        noise = denoiser.noise(geometry, seed)
+        x, run_model = noise, model
+        if source is not None:  # diffusers' scale_noise: start on the source's path at the first sigma
+            x = float(sigmas[0]) * noise + (1 - float(sigmas[0])) * source
+            if mask_at is not None:
+                run_model = masked_model(model, source, noise, mask_at)
+        x = SAMPLERS[job.sampler](run_model, x, sigmas, callback=on_step,
+                                  generator=torch.Generator().manual_seed(seed))  # ancestral / SDE / LCM noise
+        out.append((job, seed, denoiser.to_latents(x, geometry).cpu()))
+    return out
