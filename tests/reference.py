@@ -29,3 +29,12 @@ def reference_run(pipe, prompt: str, height: int, width: int, steps: int, cfg: f
     latents = pipe._unpack_latents(packed, height, width, pipe.vae_scale_factor)
     image = pipe(**kwargs, generator=torch.Generator("cpu").manual_seed(seed), output_type="np").images[0]
     return latents, (image * 255).round().astype(np.uint8)
+
+
+def reference_edit_pipelines(models: dict, tokenizer) -> dict:
+    """diffusers' img2img and inpainting pipelines over the same modules."""
+    from diffusers import QwenImageImg2ImgPipeline, QwenImageInpaintPipeline
+
+    parts = dict(vae=models["vae"], text_encoder=models["te"], tokenizer=tokenizer, transformer=models["dit"])
+    return {"img2img": QwenImageImg2ImgPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**QWEN_SCHEDULER), **parts),
+            "inpaint": QwenImageInpaintPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**QWEN_SCHEDULER), **parts)}

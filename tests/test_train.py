@@ -122,22 +122,26 @@ def test_show_timesteps_writes_a_png(tmp_path, cached, tiny_files):
 
 def test_samples_use_the_generate_code_and_validation_is_repeatable(tmp_path, cached, tiny_files):
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a red circle --w 64 --h 64 --s 3 --d 9\n")
+    prompts.write_text("a red circle --w 64 --h 64 --s 3 --d 9\n"
+                       "a blue square --w 64 --h 64 --s 3 --d 4 --sampler heun --guidance apg:eta=0.5 --guidance pag:scale=2\n")
     out = tmp_path / "run"
     assert train(cached, tiny_files, out, "--max_train_steps", "4", "--learning_rate", "0.05", "--save_every_n_steps", "4",
                  "--sample_prompts", str(prompts), "--sample_every_n_steps", "4", "--sample_at_first",
                  "--validation_dataset_config", str(cached)) == 0
     samples = sorted(p.name for p in (out / "sample").glob("*.png"))
-    assert samples == ["lora_000000_00_9.png", "lora_000004_00_9.png"]
-    gen = tmp_path / "gen"
-    assert main(["generate", "--model", str(tiny_files["repo"]), "--lora_weight", str(out / "lora-step00000004.safetensors"),
-                 "--prompt", "a red circle", "--image_size", "64", "64", "--infer_steps", "3", "--seed", "9",
-                 "--save_path", str(gen), "--device", "cpu"]) == 0
+    assert samples == ["lora_000000_00_9.png", "lora_000000_01_4.png", "lora_000004_00_9.png", "lora_000004_01_4.png"]
     import numpy as np
 
-    a = np.asarray(Image.open(out / "sample" / samples[1])).astype(int)
-    b = np.asarray(Image.open(next(gen.glob("*.png")))).astype(int)
-    assert np.abs(a - b).max() <= 1
+    lora = str(out / "lora-step00000004.safetensors")
+    for sample, extra in ((samples[2], ["--prompt", "a red circle", "--seed", "9"]),
+                          (samples[3], ["--prompt", "a blue square", "--seed", "4", "--sampler", "heun",
+                                        "--guidance", "apg:eta=0.5", "--guidance", "pag:scale=2"])):
+        gen = tmp_path / f"gen-{sample}"
+        assert main(["generate", "--model", str(tiny_files["repo"]), "--lora_weight", lora, "--image_size", "64", "64",
+                     "--infer_steps", "3", "--save_path", str(gen), "--device", "cpu", *extra]) == 0
+        a = np.asarray(Image.open(out / "sample" / sample)).astype(int)
+        b = np.asarray(Image.open(next(gen.glob("*.png")))).astype(int)
+        assert np.abs(a - b).max() <= 1, sample
     assert (out / "loss.png").exists()
 
 

@@ -141,7 +141,7 @@ def job_sigmas(family: Family, job: Job, image_tokens: int) -> tuple[torch.Tenso
     sigmas, floor = schedule(family, job, job.steps, job.height, job.width, image_tokens)
     if job.image:
         sigmas = sigmas[start_index(len(sigmas) - 1, effective_strength(job)):]
-        if len(sigmas) < 2:
+        if len(sigmas) < 2:  # only where N x strength vanishes in float arithmetic
             raise ConfigError(f"--strength {job.strength} with {job.steps} steps leaves no step to run; raise either.")
     return sigmas, floor
 
