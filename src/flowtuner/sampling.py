@@ -183,11 +183,13 @@ def sample_job(denoiser: Denoiser, family: Family, job: Job, conds: dict[str, Co
     model = guided_model(lambda x, s, c: denoiser.predict(x, s, c, geometry), conds[job.prompt], uncond,
                          job.guidance_scale, denoiser.feature_dim, cfg=job.cfg_mode, methods=hooks,
                          grid=denoiser.grid(geometry), perturb=denoiser.perturbed_attention)
-    source = None if init is None else denoiser.from_latents(init.latents)[0].to(torch.float32)
-    mask_at = None if init is None or init.mask is None else mask_function(job, denoiser.from_latents(init.mask)[0], sigmas, floor)
+    device = denoiser.device  # the sampler state lives where the model's outputs do
+    source = None if init is None else denoiser.from_latents(init.latents)[0].to(device, torch.float32)
+    mask_at = (None if init is None or init.mask is None
+               else mask_function(job, denoiser.from_latents(init.mask)[0].to(device), sigmas, floor))
     out = []
     for seed in range(job.seed, job.seed + job.num_images):
-        noise = denoiser.noise(geometry, seed)
+        noise = denoiser.noise(geometry, seed).to(device)  # drawn on the CPU, as the reference draws it
         x, run_model = noise, model
         if source is not None:  # diffusers' scale_noise: start on the source's path at the first sigma
             x = float(sigmas[0]) * noise + (1 - float(sigmas[0])) * source

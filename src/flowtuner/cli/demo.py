@@ -14,11 +14,14 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for the data, the models and training")
     p.add_argument("--train_steps", "--train-steps", type=int, default=3000, help="training steps")
     p.add_argument("--vae_steps", "--vae-steps", type=int, default=1200, help="steps of VAE reconstruction training")
+    p.add_argument("--device", default="cpu", help="device for caching, training and sampling, e.g. cuda (default: cpu; "
+                                                   "the tiny VAE is always trained on the CPU)")
     p.set_defaults(handler=run)
 
 
 def run(args) -> int:
     from flowtuner.demo.runner import DemoConfig, run_demo
 
-    summary = run_demo(DemoConfig(Path(args.output_dir), seed=args.seed, train_steps=args.train_steps, vae_steps=args.vae_steps))
+    summary = run_demo(DemoConfig(Path(args.output_dir), seed=args.seed, train_steps=args.train_steps, vae_steps=args.vae_steps,
+                                     device=args.device))
     return 0 if summary["passed"] else 1

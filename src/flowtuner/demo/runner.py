@@ -30,6 +30,7 @@ class DemoConfig:
     dit_layers: int = 2
     sample_steps: int = 20
     samples_per_prompt: int = 4
+    device: str = "cpu"
 
 
 def _step(name: str, argv: list[str], allowed: tuple[int, ...] = (0,)) -> None:
@@ -66,7 +67,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     config = out / "dataset.toml"
     config.write_text(f'[general]\nresolution = {SIZE}\ncaption_extension = ".txt"\nbatch_size = 8\n\n'
                       f'[[datasets]]\nimage_directory = "{images}"\ncache_directory = "{out / "cache"}"\n')
-    model = ["--model", str(repo), "--device", "cpu"]
+    model = ["--model", str(repo), "--device", cfg.device]
     _step("dataset check", ["dataset", "check", "--dataset_config", str(config), "--preview", str(out / "preview")])
     _step("cache latents", ["cache-latents", "--dataset_config", str(config), *model])
     _step("cache text", ["cache-text", "--dataset_config", str(config), *model])

@@ -67,6 +67,10 @@ class Denoiser(ABC):
     #: the torch module LoRAs attach to / merge into
     module: torch.nn.Module
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.module.parameters()).device
+
     @abstractmethod
     def geometry(self, height: int, width: int) -> LatentGeometry: ...
 

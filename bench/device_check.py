@@ -1,0 +1,84 @@
+"""The same tiny model and settings through `flowtuner generate` on the CPU and on an accelerator: every
+sampling path (samplers, guidance, PAG, img2img, inpainting, DifferentialDiffusion, presets) must run
+there and give the CPU's latents up to float rounding. Run by hand on a GPU machine:
+
+    python bench/device_check.py [--device cuda] [--tokenizer DIR]
+
+Prints, per case, the largest latent difference and its ratio to the latents' spread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.layouts
+
+from safetensors.torch import load_file  # noqa: E402
+
+from flowtuner.cli import main  # noqa: E402
+from flowtuner.families.qwen_image.tiny import tiny_dit, tiny_text_encoder, tiny_vae  # noqa: E402
+from tests.layouts import write_hf_repo  # noqa: E402
+
+
+def cases(folder: Path) -> dict[str, list[str]]:
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (128, 128, 3), dtype=np.uint8)).save(folder / "image.png")
+    Image.fromarray(np.tile(np.linspace(0, 255, 128).astype(np.uint8), (128, 1))).save(folder / "mask.png")
+    image = ["--image", str(folder / "image.png")]
+    mask = [*image, "--mask", str(folder / "mask.png")]
+    return {
+        "default (reference path)": [],
+        "cfg 1": ["--guidance_scale", "1"],
+        "heun + apg + cfg_norm": ["--sampler", "heun", "--guidance", "apg:eta=0.5", "--guidance", "cfg_norm"],
+        "pag blocks 0-1": ["--guidance", "pag:scale=3,blocks=0-1"],
+        "dpmpp_2m_sde": ["--sampler", "dpmpp_2m_sde"],
+        "euler_ancestral + karras": ["--sampler", "euler_ancestral", "--scheduler", "karras"],
+        "fresca + tcfg + rescale_cfg": ["--guidance", "fresca", "--guidance", "tcfg", "--guidance", "rescale_cfg"],
+        "preset comfy-qwen": ["--preset", "comfy-qwen"],
+        "preset lightning": ["--preset", "lightning"],
+        "img2img 0.6": [*image, "--strength", "0.6"],
+        "inpaint": [*mask, "--strength", "1"],
+        "differential_diffusion": [*mask, "--strength", "1", "--guidance", "differential_diffusion"],
+    }
+
+
+def generate(repo: Path, out: Path, device: str, extra: list[str]) -> torch.Tensor:
+    rc = main(["generate", "--model", str(repo), "--prompt", "a red circle on a blue background", "--image_size", "128", "128",
+               "--infer_steps", "12", "--seed", "3", "--device", device, "--save_path", str(out), "--output_type", "latent", *extra])
+    if rc != 0:
+        raise SystemExit(f"generate on {device} failed with {extra}")
+    return load_file(next(out.glob("*.safetensors")))["latent"]
+
+
+def run() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--tokenizer", default=str(Path(__file__).resolve().parents[2] / "shared/fixtures/tokenizers/qwen25"))
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp())
+    repo = write_hf_repo({"dit": tiny_dit(layers=4), "vae": tiny_vae(), "te": tiny_text_encoder()}, Path(args.tokenizer), tmp / "repo")
+    print(f"device: {torch.cuda.get_device_name() if args.device.startswith('cuda') else args.device}; torch {torch.__version__}")
+    print(f"{'case':32} {'max |cpu - dev|':>16} {'/ std':>10} {'s (dev)':>8}")
+    worst = 0.0
+    for i, (name, extra) in enumerate(cases(tmp).items()):
+        cpu = generate(repo, tmp / f"cpu{i}", "cpu", extra)
+        t = time.perf_counter()
+        dev = generate(repo, tmp / f"dev{i}", args.device, extra)
+        seconds = time.perf_counter() - t
+        diff = (cpu - dev).abs().max().item()
+        rel = diff / cpu.std().item()
+        worst = max(worst, rel)
+        print(f"{name:32} {diff:16.2e} {rel:10.2e} {seconds:8.2f}")
+    print(f"worst relative difference: {worst:.2e}")
+
+
+if __name__ == "__main__":
+    run()
