@@ -120,6 +120,7 @@ def test_user_errors_are_one_line(tmp_path, tiny_files, sources, capsys):
     base = ["generate", "--model", str(tiny_files["repo"]), "--prompt", "x", "--device", "cpu", "--save_path", str(tmp_path)]
     cases = {
         ("--mask", str(sources["mask"])): "--mask needs --image",
+        ("--strength", "0.5"): "--strength needs --image",
         ("--image", str(tmp_path / "missing.png")): "image not found",
         ("--image", str(sources["image"]), "--strength", "0"): "must be in (0, 1]",
         ("--image", str(sources["image"]), "--guidance", "differential_diffusion"): "needs --image and --mask",

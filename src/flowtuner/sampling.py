@@ -87,6 +87,8 @@ def check_sampling(job: Job) -> None:
     methods = [parse_guidance(t) for t in job.guidance or ()]
     if job.strength is not None and not 0 < job.strength <= 1:
         raise ConfigError(f"--strength {job.strength}: must be in (0, 1].")
+    if job.strength is not None and not job.image:
+        raise ConfigError("--strength needs --image: it says how much of that image to change.")
     if job.mask and not job.image:
         raise ConfigError("--mask needs --image: the mask says which parts of that image to change.")
     if any(METHODS[n].stage == "mask" for n, _ in methods) and not job.mask:
