@@ -58,6 +58,42 @@ def generate(repo: Path, out: Path, device: str, extra: list[str]) -> torch.Tens
     return load_file(next(out.glob("*.safetensors")))["latent"]
 
 
+def components(device: str, tokenizer: str) -> None:
+    """The pieces the sampling cases above do not reach: padded text batches through the text encoder and
+    the DiT with a text mask (training batches), and one training loss + gradient."""
+    from transformers import Qwen2Tokenizer
+
+    from flowtuner.families.qwen_image.family import QwenImageDenoiser, collate
+    from flowtuner.families.qwen_image.text_encoder import QwenTextEncoder
+
+    te = tiny_text_encoder()
+    prompts = ["a red circle", "a green square on a white background with a long tail of words", "blue"]
+    embeds = {}
+    for dev in ("cpu", device):
+        encoder = QwenTextEncoder(te.model.language_model.to(dev), Qwen2Tokenizer.from_pretrained(tokenizer))
+        embeds[dev] = encoder.encode(prompts)
+    worst = max((a.embeds - b.embeds.cpu()).abs().max().item() for a, b in zip(embeds["cpu"], embeds[device]))
+    print(f"{'text encoder, padded batch of 3':32} {worst:16.2e}")
+    cond = collate(embeds["cpu"])
+    dit = tiny_dit(layers=4)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 64, 64, generator=g)
+    outs, grads = {}, {}
+    for dev in ("cpu", device):
+        denoiser = QwenImageDenoiser(dit.to(dev).requires_grad_(True))
+        geometry = denoiser.geometry(128, 128)
+        v = denoiser.predict(x.to(dev), torch.tensor([0.3, 0.6, 0.9]), cond, geometry)
+        loss = (v ** 2).mean()
+        dit.zero_grad()
+        loss.backward()
+        outs[dev] = v.detach().cpu()
+        grads[dev] = torch.cat([p.grad.flatten().cpu() for p in dit.parameters() if p.grad is not None])
+    print(f"{'DiT, text mask, batch 3':32} {(outs['cpu'] - outs[device]).abs().max().item():16.2e}"
+          f" {((outs['cpu'] - outs[device]).abs().max() / outs['cpu'].std()).item():10.2e}")
+    print(f"{'DiT gradient':32} {(grads['cpu'] - grads[device]).abs().max().item():16.2e}"
+          f" {((grads['cpu'] - grads[device]).abs().max() / grads['cpu'].abs().max()).item():10.2e}")
+
+
 def run() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda")
@@ -78,6 +114,7 @@ def run() -> None:
         worst = max(worst, rel)
         print(f"{name:32} {diff:16.2e} {rel:10.2e} {seconds:8.2f}")
     print(f"worst relative difference: {worst:.2e}")
+    components(args.device, args.tokenizer)
 
 
 if __name__ == "__main__":

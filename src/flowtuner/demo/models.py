@@ -92,13 +92,20 @@ def train_vae(folder: Path, images: list[Path], steps: int, seed: int) -> float:
                                  temperal_downsample=[False, True, True])
     data = _pixels(images)
     opt = torch.optim.Adam(vae.parameters(), lr=3e-3, betas=(0.9, 0.99))
-    decay = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps, eta_min=1e-4)
+    # Warm-up and clipping: without them Adam's first full-size steps sometimes knock this tiny VAE into a
+    # plateau that loses the colours (MSE 0.075 instead of 0.016, seen with torch 2.11 on a 16-core CPU),
+    # and the demo's DiT cannot draw what the VAE cannot represent.
+    warmup = max(1, steps // 12)
+    decay = torch.optim.lr_scheduler.SequentialLR(opt, [
+        torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.01, total_iters=warmup),
+        torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps - warmup), eta_min=1e-4)], milestones=[warmup])
     gen = torch.Generator().manual_seed(seed)
     losses = []
     for _ in tqdm(range(steps), desc="training the demo VAE", unit="step"):
         x = data[torch.randint(0, len(data), (8,), generator=gen)]
         loss = torch.nn.functional.mse_loss(_decode_unclamped(vae, vae.encode(x).latent_dist.mode()), x)
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
         opt.zero_grad()
         decay.step()
