@@ -50,6 +50,10 @@ def _choice(flag: str, value: str, valid) -> None:
         raise ConfigError(f"{flag} {value!r}: unknown; choose one of {', '.join(valid)}.")
 
 
+def _given(flags: dict) -> list[str]:
+    return [name for name, value in flags.items() if value is not None]
+
+
 def check_schedule(cfg: ScheduleConfig) -> None:
     """Reject settings that would be silently ignored by the chosen scheduler."""
     from flowtuner.flow.schedulers import SCHEDULERS
@@ -58,12 +62,11 @@ def check_schedule(cfg: ScheduleConfig) -> None:
     _choice("--model_sampling", cfg.model_sampling, MODEL_SAMPLINGS)
     comfy_only = {"--shift": cfg.shift, "--mu": cfg.mu, "--model_sampling": None if cfg.model_sampling == "default" else cfg.model_sampling}
     reference_only = {"--flow_shift": cfg.flow_shift, "--shift_terminal": cfg.shift_terminal}
-    given = lambda flags: [k for k, v in flags.items() if v is not None]  # noqa: E731
-    if cfg.scheduler == "reference" and given(comfy_only):
-        raise ConfigError(f"{', '.join(given(comfy_only))} set the sigma table of the ComfyUI schedulers; with the reference "
+    if cfg.scheduler == "reference" and _given(comfy_only):
+        raise ConfigError(f"{', '.join(_given(comfy_only))}: only for the sigma table of the ComfyUI schedulers; with the reference "
                           "scheduler use --flow_shift, --base_shift/--max_shift, --shift_terminal.")
-    if cfg.scheduler != "reference" and given(reference_only):
-        raise ConfigError(f"{', '.join(given(reference_only))} apply to the reference scheduler; with ComfyUI schedulers use "
+    if cfg.scheduler != "reference" and _given(reference_only):
+        raise ConfigError(f"{', '.join(_given(reference_only))}: only for the reference scheduler; with ComfyUI schedulers use "
                           "--model_sampling with --shift, --mu or --base_shift/--max_shift.")
     dynamic = cfg.base_shift is not None or cfg.max_shift is not None
     if cfg.flow_shift is not None and dynamic:
