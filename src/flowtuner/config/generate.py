@@ -33,7 +33,7 @@ class GenerateConfig(SamplingConfig, ModelFiles):
     device: str | None = opt(help="device, e.g. cuda, cuda:1, cpu (default: cuda when available)")
     text_encoder_cpu: bool = opt(False, "run the text encoder on the CPU")
     from_file: str | None = opt(help="file with one prompt per line and inline options (--w --h --d --s --g/--l --n --fs, "
-                                     "and --NAME VALUE for every sampling option); see docs/generate.md")
+                                     "and --NAME VALUE for every sampling option); see docs/sampling.md")
     num_images: int = opt(1, "images per prompt")
     lora_weight: list[str] | None = opt(help="LoRA files (kohya/musubi, diffusers, ComfyUI layouts), merged into the DiT at load")
     lora_multiplier: list[float] | None = opt(help="one multiplier per --lora_weight (default 1.0 each)")

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flowtuner.errors import ConfigError
-
 import torch
+
+from flowtuner.errors import ConfigError
 
 
 @dataclass

@@ -7,8 +7,8 @@ from pathlib import Path
 from flowtuner.config.prompt_lines import read_prompt_file
 from flowtuner.families.base import Conditioning, Denoiser, Family, ImageCodec
 from flowtuner.init_images import encode_init_images, init_key
-from flowtuner.sampling import Job, check_sampling, check_size, sample_job
 from flowtuner.outputs import save_png
+from flowtuner.sampling import Job, check_sampling, check_size, sample_job
 
 # musubi-tuner's sample defaults, except the flow shift: the model's dynamic shift, not a fixed 14.5
 SAMPLE_DEFAULTS = dict(height=256, width=256, steps=20, guidance_scale=4.0, flow_shift=None, negative_prompt=" ", seed=42)
