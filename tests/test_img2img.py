@@ -130,3 +130,21 @@ def test_user_errors_are_one_line(tmp_path, tiny_files, sources, capsys):
         assert main(base + list(extra)) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and "\n" not in err, err
+
+
+def test_strength_truncation_follows_diffusers_arithmetic():
+    from flowtuner.sampling import start_index
+
+    assert start_index(25, 0.56) == 10  # 25 * 0.56 = 14.000000000000002 in floats, as in diffusers
+    assert start_index(20, 0.6) == 8 and start_index(5, 0.6) == 2 and start_index(5, 1.0) == 0 and start_index(5, 0.1) == 4
+    assert start_index(5, 1e-17) == 5  # nothing left: generate reports it (test_user_errors_are_one_line)
+    from types import SimpleNamespace
+
+    from diffusers import FlowMatchEulerDiscreteScheduler, QwenImageImg2ImgPipeline
+
+    for steps in (5, 20, 25, 50):
+        sched = FlowMatchEulerDiscreteScheduler()
+        sched.set_timesteps(steps)
+        for strength in (0.1, 0.35, 0.56, 0.6, 0.7, 0.99, 1.0):
+            _, left = QwenImageImg2ImgPipeline.get_timesteps(SimpleNamespace(scheduler=sched), steps, strength, "cpu")
+            assert steps - left == start_index(steps, strength), (steps, strength)

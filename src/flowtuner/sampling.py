@@ -137,7 +137,7 @@ def schedule(family: Family, cfg: ScheduleConfig, steps: int, height: int, width
 
 
 def start_index(steps: int, strength: float) -> int:
-    """diffusers' img2img truncation, float arithmetic included (N = 20, strength 0.6 starts at step 7, not 8)."""
+    """diffusers' img2img truncation, float arithmetic included (N = 25, strength 0.56 starts at step 10, not 11)."""
     init = min(steps * strength, steps)
     return int(max(steps - init, 0))
 
