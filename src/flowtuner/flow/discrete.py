@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from flowtuner.flow.model_sampling import SigmaTable
+
 # ComfyUI's last alpha-bar after the zero-terminal-SNR rescale (exactly zero would make sigma infinite)
 ZSNR_LAST_ALPHA_BAR = 4.8973451890853435e-08
 
@@ -41,7 +43,7 @@ def zero_terminal_snr(sigmas: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class DiscreteSampling:
+class DiscreteSampling(SigmaTable):
     """An ascending sigma table; timesteps are its indices (times `stride`, plus `offset`, for distilled
     tables). Same interface as `FlowSampling`, so the ComfyUI schedulers run on it."""
 
@@ -53,14 +55,6 @@ class DiscreteSampling:
     @property
     def length(self) -> int:
         return len(self.table)
-
-    @property
-    def sigma_min(self) -> float:
-        return float(self.table[0])
-
-    @property
-    def sigma_max(self) -> float:
-        return float(self.table[-1])
 
     def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
         """Index of the nearest table sigma in log space (a float tensor of integers)."""

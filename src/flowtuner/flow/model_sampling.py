@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -23,17 +24,10 @@ def time_snr_shift(shift: float, t: torch.Tensor) -> torch.Tensor:
     return shift * t / (1 + (shift - 1) * t)
 
 
-@dataclass(frozen=True)
-class FlowSampling:
-    name: str
-    sigma_fn: Callable[[torch.Tensor], torch.Tensor]  # t in [0, 1] -> sigma
-    length: int
+class SigmaTable:
+    """What ComfyUI's schedulers read from a model sampling: an ascending float32 `table` and its ends."""
 
-    @property
-    def table(self) -> torch.Tensor:
-        """Ascending sigma table S[k] = sigma((k + 1) / length), float32."""
-        t = torch.arange(1, self.length + 1, dtype=torch.float64) / self.length
-        return self.sigma_fn(t).to(torch.float32)
+    table: torch.Tensor
 
     @property
     def sigma_min(self) -> float:
@@ -42,6 +36,19 @@ class FlowSampling:
     @property
     def sigma_max(self) -> float:
         return float(self.table[-1])
+
+
+@dataclass(frozen=True)
+class FlowSampling(SigmaTable):
+    name: str
+    sigma_fn: Callable[[torch.Tensor], torch.Tensor]  # t in [0, 1] -> sigma
+    length: int
+
+    @cached_property
+    def table(self) -> torch.Tensor:
+        """Ascending sigma table S[k] = sigma((k + 1) / length), float32."""
+        t = torch.arange(1, self.length + 1, dtype=torch.float64) / self.length
+        return self.sigma_fn(t).to(torch.float32)
 
     def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
         return sigma
