@@ -1,5 +1,6 @@
-"""Shared fixtures: the real tokenizer from ../shared (skipped with a reason when absent) and a tiny
-Qwen-Image model set saved in every layout users have."""
+"""Shared fixtures: the real tokenizer from ../shared (skipped with a reason when absent, failed in CI), the
+vendored peers (`comfy`, `musubi`: tests/shared.py) and a tiny Qwen-Image model set saved in every layout
+users have."""
 
 from __future__ import annotations
 
@@ -11,15 +12,12 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-QWEN_TOKENIZER = SHARED / "fixtures" / "tokenizers" / "qwen25"
+from tests.shared import SHARED, comfy, musubi, shared_path  # noqa: F401  (fixtures)
 
 
 @pytest.fixture(scope="session")
 def qwen_tokenizer_dir() -> Path:
-    if not (QWEN_TOKENIZER / "vocab.json").exists():
-        pytest.skip(f"real Qwen2.5 tokenizer fixture not found at {QWEN_TOKENIZER} (../shared is absent)")
-    return QWEN_TOKENIZER
+    return shared_path("fixtures/tokenizers/qwen25/vocab.json").parent
 
 
 @pytest.fixture(scope="session")
