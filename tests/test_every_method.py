@@ -15,7 +15,10 @@ from safetensors.torch import load_file
 from flowtuner.cli import main
 from flowtuner.flow.samplers import SAMPLERS
 from flowtuner.flow.schedulers import SCHEDULERS
-from flowtuner.guidance.methods import METHODS
+from flowtuner.guidance.methods import LAYOUT_DIFFERS, METHODS
+
+# APG at eta 1 depends on the layout only through its norm cap, which the tiny model never reaches
+LAYOUT_SPECS = ["apg:eta=0.5" if n == "apg" else n for n in LAYOUT_DIFFERS]
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +32,8 @@ def prompt_file(tmp_path_factory):
     lines.update({f"sampler {n}": f"--sampler {n}" for n in SAMPLERS if n != "euler"})
     lines.update({f"scheduler {n}": f"--scheduler {n}" for n in SCHEDULERS})
     lines.update({f"guidance {n}": f"--guidance {n}" + (f" {image}" if METHODS[n].stage == "mask" else "") for n in METHODS})
+    lines.update({f"grid {spec}": f"--guidance {spec}" for spec in LAYOUT_SPECS if spec not in METHODS})
+    lines.update({f"comfyui {spec}": f"--guidance {spec} --guidance_layout comfyui" for spec in LAYOUT_SPECS})
     lines["inpaint"] = image
     path = folder / "prompts.txt"
     path.write_text("".join(f"a red circle {extra}\n" for extra in lines.values()))
@@ -46,14 +51,18 @@ def test_every_method_from_the_cli(tmp_path, tiny_files, prompt_file):
     for f in files:
         with safe_open(str(f), "pt") as handle:
             meta = handle.metadata()
-        key = (meta["sampler"], meta["scheduler"], json.loads(meta["guidance"]) or [], None if meta["image"] == "null" else meta["image"])
+        key = (meta["sampler"], meta["scheduler"], json.loads(meta["guidance"]) or [], None if meta["image"] == "null" else meta["image"],
+               meta["guidance_layout"])
         by_line[json.dumps(key)] = load_file(f)["latent"]
     assert len(by_line) == len(names)  # every line ran with its own settings
     latents = list(by_line.values())
     assert all(torch.isfinite(t).all() for t in latents)
-    baseline = by_line[json.dumps(("euler", "reference", [], None))]
-    same = [k for k, t in by_line.items() if torch.equal(t, baseline)]
-    assert same == [json.dumps(("euler", "reference", [], None))], same  # every option changes the result
+    baseline_key = json.dumps(("euler", "reference", [], None, "grid"))
+    same = [k for k, t in by_line.items() if torch.equal(t, by_line[baseline_key])]
+    assert same == [baseline_key], same  # every option changes the result
+    for spec in LAYOUT_SPECS:  # and ComfyUI's 5-D layout changes these methods' result
+        grid, comfy = (by_line[json.dumps(("euler", "reference", [spec], None, layout))] for layout in ("grid", "comfyui"))
+        assert not torch.equal(grid, comfy), spec
 
 
 def test_every_method_in_training_previews(tmp_path, tiny_files, prompt_file):

@@ -76,6 +76,31 @@ def test_inline_options_in_prompt_lines(tmp_path, tiny_files):
     assert json.loads(meta["guidance"]) == ["apg:eta=0.5", "cfg_norm"]
 
 
+def test_comfyui_reproduction_options(tmp_path, tiny_files, monkeypatch):
+    """A ComfyUI graph's settings: dpmpp_2m_sde starts at the AuraFlow 3.1 table's percent_to_sigma(1e-4), and
+    --guidance_layout comfyui gives FreSca's 5-D result (plain CFG at w scale_high, what scale_low = scale_high
+    gives on the grid), from flags and from a prompt line alike."""
+    from flowtuner.flow import samplers
+    from flowtuner.flow.model_sampling import aura_flow
+
+    first = []
+    offset = samplers._offset_first_sigma
+    monkeypatch.setattr(samplers, "_offset_first_sigma", lambda *a: first.append(float(offset(*a)[0])) or offset(*a))
+    base = ("--infer_steps", "2", "--sampler", "dpmpp_2m_sde", "--scheduler", "simple", "--shift", "3.1")
+    comfy, meta = generate(tiny_files, tmp_path / "c", *base, "--guidance", "fresca", "--guidance_layout", "comfyui")
+    assert first == [pytest.approx(aura_flow(3.1).percent_to_sigma(1e-4), abs=1e-7)] and meta["guidance_layout"] == "comfyui"
+    flat, _ = generate(tiny_files, tmp_path / "f", *base, "--guidance", "fresca:scale_low=1.25")
+    torch.testing.assert_close(comfy, flat, atol=1e-5, rtol=1e-5)
+    lines = tmp_path / "p.txt"
+    lines.write_text("x --guidance fresca --guidance-layout comfyui\n")
+    from_file, _ = generate(tiny_files, tmp_path / "l", *base, "--from_file", str(lines))
+    assert torch.equal(from_file, comfy)
+    grid, _ = generate(tiny_files, tmp_path / "g", *base, "--guidance", "fresca")
+    assert (grid - comfy).abs().max() > 1e-4
+    assert main(["generate", "--model", str(tiny_files["repo"]), "--prompt", "x", "--guidance", "cfg_norm",
+                 "--guidance_layout", "comfyui"]) == 2  # changes nothing there: an error, not a silent no-op
+
+
 def test_help_and_docs_list_every_method(capsys):
     with pytest.raises(SystemExit):
         main(["generate", "--help"])

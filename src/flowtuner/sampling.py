@@ -6,15 +6,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from flowtuner.config.sampling import CFG_MODES, MODEL_SAMPLINGS, SamplingConfig, ScheduleConfig
 from flowtuner.errors import ConfigError
 from flowtuner.families.base import Conditioning, Denoiser, Family
+from flowtuner.flow.model_sampling import SigmaTable
 from flowtuner.flow.samplers import SAMPLERS
 from flowtuner.guidance import guided_model
-from flowtuner.guidance.methods import METHODS, parse_guidance
+from flowtuner.guidance.methods import LAYOUT_DIFFERS, LAYOUTS, METHODS, parse_guidance
 from flowtuner.guidance.masks import masked_model
 
 # ComfyUI's node defaults when --model_sampling names a node but --shift is not given
@@ -96,6 +98,10 @@ def check_sampling(job: Job) -> None:
         raise ConfigError("--mask needs --image: the mask says which parts of that image to change.")
     if any(METHODS[n].stage == "mask" for n, _ in methods) and not job.mask:
         raise ConfigError("--guidance differential_diffusion needs --image and --mask (a soft mask, white = change).")
+    _choice("--guidance_layout", job.guidance_layout, tuple(LAYOUTS))
+    if job.guidance_layout != "grid" and not any(n in LAYOUT_DIFFERS for n, _ in methods):
+        raise ConfigError(f"--guidance_layout {job.guidance_layout}: changes only --guidance {', '.join(LAYOUT_DIFFERS)}, and this "
+                          "prompt uses none of them; add one or drop the flag.")
 
 
 def comfy_kind(cfg: ScheduleConfig) -> str:
@@ -124,16 +130,24 @@ def comfy_table(family: Family, cfg: ScheduleConfig, height: int, width: int):
     return flux(flux_mu(height, width, base, top))
 
 
-def schedule(family: Family, cfg: ScheduleConfig, steps: int, height: int, width: int, image_tokens: int) -> tuple[torch.Tensor, float]:
-    """(sigmas ending in 0, the smallest sigma the model sampling knows: DifferentialDiffusion's floor)."""
+class Schedule(NamedTuple):
+    sigmas: torch.Tensor  # ending in 0
+    floor: float  # the smallest sigma the model sampling knows: DifferentialDiffusion's floor (0 for reference)
+    sampling: SigmaTable  # the active model sampling, as ComfyUI's samplers see it (the SDE samplers' first sigma)
+
+
+def schedule(family: Family, cfg: ScheduleConfig, steps: int, height: int, width: int, image_tokens: int) -> Schedule:
+    """The sigmas and the model sampling they run under. The reference schedule runs under the family's own
+    ComfyUI model sampling, as ComfyUI runs custom sigmas on a model that no ModelSampling node patched."""
     from flowtuner.flow.schedulers import SCHEDULERS
 
     if cfg.scheduler == "reference":
         overrides = {"flow_shift": cfg.flow_shift, "base_shift": cfg.base_shift, "max_shift": cfg.max_shift,
                      "shift_terminal": cfg.shift_terminal}
-        return family.default_sigmas(steps, image_tokens, **{k: v for k, v in overrides.items() if v is not None}), 0.0
+        sigmas = family.default_sigmas(steps, image_tokens, **{k: v for k, v in overrides.items() if v is not None})
+        return Schedule(sigmas, 0.0, family.comfy_model_sampling())
     table = comfy_table(family, cfg, height, width)
-    return SCHEDULERS[cfg.scheduler](table, steps), table.sigma_min
+    return Schedule(SCHEDULERS[cfg.scheduler](table, steps), table.sigma_min, table)
 
 
 def start_index(steps: int, strength: float) -> int:
@@ -142,13 +156,14 @@ def start_index(steps: int, strength: float) -> int:
     return int(max(steps - init, 0))
 
 
-def job_sigmas(family: Family, job: Job, image_tokens: int) -> tuple[torch.Tensor, float]:
-    sigmas, floor = schedule(family, job, job.steps, job.height, job.width, image_tokens)
-    if job.image:
-        sigmas = sigmas[start_index(len(sigmas) - 1, effective_strength(job)):]
-        if len(sigmas) < 2:  # only where N x strength vanishes in float arithmetic
-            raise ConfigError(f"--strength {job.strength} with {job.steps} steps leaves no step to run; raise either.")
-    return sigmas, floor
+def job_sigmas(family: Family, job: Job, image_tokens: int) -> Schedule:
+    planned = schedule(family, job, job.steps, job.height, job.width, image_tokens)
+    if not job.image:
+        return planned
+    sigmas = planned.sigmas[start_index(len(planned.sigmas) - 1, effective_strength(job)):]
+    if len(sigmas) < 2:  # only where N x strength vanishes in float arithmetic
+        raise ConfigError(f"--strength {job.strength} with {job.steps} steps leaves no step to run; raise either.")
+    return planned._replace(sigmas=sigmas)
 
 
 def effective_strength(job: Job) -> float:
@@ -156,7 +171,7 @@ def effective_strength(job: Job) -> float:
 
 
 def step_count(family: Family, job: Job, image_tokens: int) -> int:
-    return len(job_sigmas(family, job, image_tokens)[0]) - 1
+    return len(job_sigmas(family, job, image_tokens).sigmas) - 1
 
 
 @dataclass
@@ -182,12 +197,12 @@ def mask_function(job: Job, mask: torch.Tensor, sigmas: torch.Tensor, floor: flo
 def sample_job(denoiser: Denoiser, family: Family, job: Job, conds: dict[str, Conditioning], on_step=None,
                init: InitImage | None = None) -> list[tuple[Job, int, torch.Tensor]]:
     geometry = denoiser.geometry(job.height, job.width)
-    sigmas, floor = job_sigmas(family, job, geometry.image_tokens)
+    sigmas, floor, sampling = job_sigmas(family, job, geometry.image_tokens)
     uncond = conds.get(job.negative_prompt) if job.guidance_scale > 1 else None
     hooks = [m for m in (parse_guidance(t) for t in job.guidance or ()) if METHODS[m[0]].stage != "mask"]
     model = guided_model(lambda x, s, c: denoiser.predict(x, s, c, geometry), conds[job.prompt], uncond,
                          job.guidance_scale, denoiser.feature_dim, cfg=job.cfg_mode, methods=hooks,
-                         grid=denoiser.grid(geometry), perturb=denoiser.perturbed_attention)
+                         grid=denoiser.grid(geometry), perturb=denoiser.perturbed_attention, layout=job.guidance_layout)
     device = denoiser.device  # the sampler state lives where the model's outputs do
     source = None if init is None else denoiser.from_latents(init.latents)[0].to(device, torch.float32)
     mask_at = (None if init is None or init.mask is None
@@ -200,7 +215,7 @@ def sample_job(denoiser: Denoiser, family: Family, job: Job, conds: dict[str, Co
             x = float(sigmas[0]) * noise + (1 - float(sigmas[0])) * source
             if mask_at is not None:
                 run_model = masked_model(model, source, noise, mask_at)
-        x = SAMPLERS[job.sampler](run_model, x, sigmas, callback=on_step,
+        x = SAMPLERS[job.sampler](run_model, x, sigmas, callback=on_step, sampling=sampling,
                                   generator=torch.Generator().manual_seed(seed))  # ancestral / SDE / LCM noise
         out.append((job, seed, denoiser.to_latents(x, geometry).cpu()))
     return out

@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields
 from flowtuner.config.fields import opt
 from flowtuner.flow.samplers import SAMPLERS
 from flowtuner.flow.schedulers import SCHEDULERS
-from flowtuner.guidance.methods import METHODS
+from flowtuner.guidance.methods import LAYOUTS, METHODS
 
 MODEL_SAMPLINGS = ("default", "aura_flow", "sd3", "flux")
 CFG_MODES = ("norm_rescale", "plain")
@@ -42,6 +42,10 @@ class SamplingConfig(ScheduleConfig):
                                         "or plain (uncond + w (cond - uncond), as ComfyUI)", choices=CFG_MODES)
     guidance: list[str] | None = opt(help="guidance method NAME[:key=value,...], repeatable, applied in order (pre-CFG, CFG, post-CFG): "
                                           + ", ".join(METHODS), repeatable=True)
+    guidance_layout: str = opt("grid", "how --guidance methods see the latents: grid (the 2-D image grid [B, C, H, W] they are "
+                                       "written for) or comfyui (ComfyUI's 5-D [B, C, 1, H, W] Qwen-Image latents, to reproduce a "
+                                       "ComfyUI image: FreSca becomes a plain scale, APG's norms run per channel, RescaleCFG's "
+                                       "std per width column)", choices=tuple(LAYOUTS))
 
 
 def sampling_fields() -> list[str]:

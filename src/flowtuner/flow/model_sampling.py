@@ -25,9 +25,13 @@ def time_snr_shift(shift: float, t: torch.Tensor) -> torch.Tensor:
 
 
 class SigmaTable:
-    """What ComfyUI's schedulers read from a model sampling: an ascending float32 `table` and its ends."""
+    """What ComfyUI's schedulers and samplers read from a model sampling: an ascending float32 `table`, its
+    ends, and `percent_to_sigma` (the SDE samplers' first sigma on flow models comes from it)."""
 
     table: torch.Tensor
+
+    def percent_to_sigma(self, percent: float) -> float:
+        raise NotImplementedError
 
     @property
     def sigma_min(self) -> float:
@@ -55,6 +59,14 @@ class FlowSampling(SigmaTable):
 
     def sigma(self, t: torch.Tensor) -> torch.Tensor:
         return self.sigma_fn(t)
+
+    def percent_to_sigma(self, percent: float) -> float:
+        """sigma at time 1 - percent, in float64 as ComfyUI's Python arithmetic: 1 at 0 %, 0 at 100 %."""
+        if percent <= 0:
+            return 1.0
+        if percent >= 1:
+            return 0.0
+        return float(self.sigma_fn(torch.tensor(1 - percent, dtype=torch.float64)))
 
 
 def aura_flow(shift: float) -> FlowSampling:

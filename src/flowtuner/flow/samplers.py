@@ -8,6 +8,11 @@ The same d = (x - D) / sigma is Karras' ODE direction for variance-exploding mod
 the space ComfyUI samples discrete eps / v models in), so the deterministic samplers serve both. The
 ones that add noise need to know how a clean sample is scaled at a sigma: `noising` (FLOW: 1 - sigma,
 VE: 1), as ComfyUI picks its RF branches for CONST models.
+
+Every sampler takes the same keywords: `callback`, `generator` (the noise of the stochastic ones), `noising`
+and `sampling`, the active model sampling (a `SigmaTable`). Of these samplers only `dpmpp_2m_sde` reads
+`sampling`, as in ComfyUI, where the half-logSNR samplers (dpmpp_sde, dpmpp_2m_sde, dpmpp_3m_sde, er_sde,
+seeds, sa_solver) start a flow schedule at `percent_to_sigma(1e-4)` instead of sigma 1.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from flowtuner.flow.model_sampling import SigmaTable, aura_flow
 from flowtuner.flow.registry import registrar
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -37,6 +43,8 @@ class Noising:
 
 FLOW = Noising("flow", lambda s: 1.0 - s)
 VE = Noising("ve", lambda s: 1.0)
+# a library call without a model sampling: the unshifted flow map t -> t (percent_to_sigma(1e-4) = 1 - 1e-4)
+UNSHIFTED = aura_flow(1.0)
 SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {}
 register = registrar(SAMPLERS)
 
@@ -51,7 +59,7 @@ def _noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Ten
 
 @register("euler")
 def euler(model: Model, x: torch.Tensor, sigmas: torch.Tensor, callback: Callback | None = None, generator=None,
-          noising: Noising = FLOW) -> torch.Tensor:
+          noising: Noising = FLOW, sampling: SigmaTable = UNSHIFTED) -> torch.Tensor:
     """x <- x + (sigma' - sigma) d. First order, one call per step; the reference pipeline's sampler."""
     x = x.to(torch.float32)
     for i in range(len(sigmas) - 1):
@@ -64,7 +72,7 @@ def euler(model: Model, x: torch.Tensor, sigmas: torch.Tensor, callback: Callbac
 
 @register("heun")
 def heun(model: Model, x: torch.Tensor, sigmas: torch.Tensor, callback: Callback | None = None, generator=None,
-         noising: Noising = FLOW) -> torch.Tensor:
+         noising: Noising = FLOW, sampling: SigmaTable = UNSHIFTED) -> torch.Tensor:
     """x <- x + (sigma' - sigma) (d + d(x_euler, sigma')) / 2. Second order, two calls per step.
 
     The step to sigma 0 is plain Euler."""
@@ -85,7 +93,7 @@ def heun(model: Model, x: torch.Tensor, sigmas: torch.Tensor, callback: Callback
 
 @register("dpmpp_2m")
 def dpmpp_2m(model: Model, x: torch.Tensor, sigmas: torch.Tensor, callback: Callback | None = None, generator=None,
-             noising: Noising = FLOW) -> torch.Tensor:
+             noising: Noising = FLOW, sampling: SigmaTable = UNSHIFTED) -> torch.Tensor:
     """x <- (s'/s) x - expm1(-h) D', D' = (1 + 1/2r) D - D_prev/2r, h in -log sigma. Second order, one call.
 
     DPM-Solver++(2M) with lambda = -log sigma, as ComfyUI (not flow-specific)."""
@@ -109,19 +117,21 @@ def dpmpp_2m(model: Model, x: torch.Tensor, sigmas: torch.Tensor, callback: Call
     return x
 
 
-def _offset_first_sigma(sigmas: torch.Tensor, noising: Noising, offset: float = 1e-4) -> torch.Tensor:
-    """A flow schedule starting at sigma 1 has half-logSNR -inf there; start a hair below, as ComfyUI does
-    (it uses its sigma table at 1 - 1e-4, which depends on the shift: 0.99997 at AuraFlow 3.1)."""
+def _offset_first_sigma(sigmas: torch.Tensor, noising: Noising, sampling: SigmaTable, percent: float = 1e-4) -> torch.Tensor:
+    """A flow schedule starting at sigma 1 has half-logSNR -inf there; start a hair below, where ComfyUI
+    does: the model sampling's sigma at time 1 - 1e-4, which depends on the shift (0.99996774 at AuraFlow
+    3.1, 0.99996833 at Flux mu 1.15). With 1 - 1e-4 instead the first step's h, and through h / h_last
+    the second step's correction, differ: results move far beyond float rounding (tests/test_comfyui_parity.py)."""
     if noising is FLOW and len(sigmas) > 1 and sigmas[0] >= 1:
         sigmas = sigmas.clone()
-        sigmas[0] = 1 - offset
+        sigmas[0] = sampling.percent_to_sigma(percent)
     return sigmas
 
 
 @register("dpmpp_2m_sde")
 def dpmpp_2m_sde(model: Model, x: torch.Tensor, sigmas: torch.Tensor, callback: Callback | None = None,
-                 generator: torch.Generator | None = None, noising: Noising = FLOW, eta: float = 1.0,
-                 s_noise: float = 1.0) -> torch.Tensor:
+                 generator: torch.Generator | None = None, noising: Noising = FLOW, sampling: SigmaTable = UNSHIFTED,
+                 eta: float = 1.0, s_noise: float = 1.0) -> torch.Tensor:
     """x <- (s'/s) e^(-h) x + alpha' (1 - e^(-2h)) D' + s' sqrt(1 - e^(-2h)) eps, h in log(alpha/sigma). Stochastic.
 
     DPM-Solver++(2M) SDE, midpoint variant, at eta = 1 (in general: e^(-h eta), 1 - e^(-h(1 + eta)),
@@ -129,7 +139,7 @@ def dpmpp_2m_sde(model: Model, x: torch.Tensor, sigmas: torch.Tensor, callback: 
     ComfyUI draws eps from a Brownian tree (torchsde); here it is a fresh N(0, 1) per step from `generator`,
     the same distribution (tree increments over disjoint intervals are independent), other values."""
     x = x.to(torch.float32)
-    sigmas = _offset_first_sigma(sigmas, noising)
+    sigmas = _offset_first_sigma(sigmas, noising, sampling)
     old, h_last = None, None
     for i in range(len(sigmas) - 1):
         s, s_next = float(sigmas[i]), float(sigmas[i + 1])
@@ -162,7 +172,7 @@ def _phi2(z: float) -> float:
 
 @register("res_multistep")
 def res_multistep(model: Model, x: torch.Tensor, sigmas: torch.Tensor, callback: Callback | None = None, generator=None,
-                  noising: Noising = FLOW) -> torch.Tensor:
+                  noising: Noising = FLOW, sampling: SigmaTable = UNSHIFTED) -> torch.Tensor:
     """x <- e^(-h) x + h (b1 D + b2 D_prev), phi-function weights, h in -log sigma (RES). Second order, one call.
 
     Euler on the first step and on the step to 0."""
@@ -187,8 +197,8 @@ def res_multistep(model: Model, x: torch.Tensor, sigmas: torch.Tensor, callback:
 
 @register("euler_ancestral")
 def euler_ancestral(model: Model, x: torch.Tensor, sigmas: torch.Tensor, callback: Callback | None = None,
-                    generator: torch.Generator | None = None, noising: Noising = FLOW, eta: float = 1.0,
-                    s_noise: float = 1.0) -> torch.Tensor:
+                    generator: torch.Generator | None = None, noising: Noising = FLOW, sampling: SigmaTable = UNSHIFTED,
+                    eta: float = 1.0, s_noise: float = 1.0) -> torch.Tensor:
     """Step down to sigma_down, add fresh noise back up to sigma'. Stochastic: fresh detail each step; images change with the step count.
 
     Flow models use ComfyUI's RF variant (sigma_down = s'^2 / s at eta 1, rescaled by alpha' / alpha_down)."""
@@ -216,7 +226,7 @@ def euler_ancestral(model: Model, x: torch.Tensor, sigmas: torch.Tensor, callbac
 
 @register("lcm")
 def lcm(model: Model, x: torch.Tensor, sigmas: torch.Tensor, callback: Callback | None = None,
-        generator: torch.Generator | None = None, noising: Noising = FLOW) -> torch.Tensor:
+        generator: torch.Generator | None = None, noising: Noising = FLOW, sampling: SigmaTable = UNSHIFTED) -> torch.Tensor:
     """x <- alpha' D + s' eps: jump to D, re-noise to the next sigma. For LCM / few-step distilled models."""
     x = x.to(torch.float32)
     for i in range(len(sigmas) - 1):

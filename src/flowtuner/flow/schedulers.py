@@ -67,7 +67,8 @@ def kl_optimal(ms: FlowSampling, steps: int) -> torch.Tensor:
     """tan(a atan(s_min) + (1 - a) atan(s_max)), a = i/(N - 1)."""
     if steps < 2:
         return torch.tensor([ms.sigma_max, 0.0])  # ComfyUI divides by zero here
-    a = torch.arange(steps, dtype=torch.float64) / (steps - 1)
+    # float32, as ComfyUI: near pi/2 the angle's rounding shows (zsnr's sigma_max 4518.76 comes out 4518.18)
+    a = torch.arange(steps, dtype=torch.float32) / (steps - 1)
     return _append_zero(torch.tan(a * math.atan(ms.sigma_min) + (1 - a) * math.atan(ms.sigma_max)))
 
 
@@ -116,15 +117,23 @@ def beta_ppf(q: np.ndarray, a: float, b: float) -> np.ndarray:
         below = beta_cdf(mid, a, b) < q
         lo, hi = np.where(below, mid, lo), np.where(below, hi, mid)
     out = (lo + hi) / 2
-    if a == b:  # the median of a symmetric beta is exactly 0.5; quadrature error must not move it off the
-        out = np.where(q == 0.5, 0.5, out)  # rint(0.5 * 999) tie that picks ComfyUI's table index
+    if a == b:  # the median of a symmetric beta is exactly 0.5; quadrature error must not move it
+        out = np.where(q == 0.5, 0.5, out)
     return out
+
+
+def _round_half_up(x: np.ndarray) -> np.ndarray:
+    """ComfyUI rounds with rint (ties to even), but its SciPy puts BetaPPF(0.5; 0.6, 0.6) one ulp above 0.5
+    (0.5000000000000001), so the only tie a schedule meets, the median at 0.5 (L - 1) for an odd L - 1,
+    rounds up there on every table: index 25 on the 50-entry LCM table (rint would give 24), 500 on 1000
+    entries, 5000 on 10000. Elsewhere BetaPPF (L - 1) is never within quadrature error of a half-integer."""
+    return np.floor(x + 0.5)
 
 
 @register("beta")
 def beta(ms: FlowSampling, steps: int, alpha: float = 0.6, beta_: float = 0.6) -> torch.Tensor:
-    """S[rint(BetaPPF(1 - i/N; 0.6, 0.6) (L - 1))], repeats dropped: dense at both ends."""
+    """S[round(BetaPPF(1 - i/N; 0.6, 0.6) (L - 1))], repeats dropped: dense at both ends."""
     r = 1 - np.linspace(0, 1, steps, endpoint=False)
-    idx = np.rint(beta_ppf(r, alpha, beta_) * (ms.length - 1)).astype(int)
+    idx = _round_half_up(beta_ppf(r, alpha, beta_) * (ms.length - 1)).astype(int)
     keep = [int(i) for n, i in enumerate(idx) if n == 0 or i != idx[n - 1]]
     return _append_zero(ms.table[keep])

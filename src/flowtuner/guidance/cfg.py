@@ -40,12 +40,16 @@ def guided_model(
     methods: list[tuple[str, dict]] | None = None,
     grid: tuple[Callable, Callable] | None = None,
     perturb: Callable[[str], AbstractContextManager] | None = None,
+    layout: str = "grid",
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """A `model(x, sigma) -> v` for the samplers. The unconditional pass is skipped when scale <= 1.
-    `methods` (name, params) are guidance hooks run on the image grid (`grid` = (to_grid, from_grid));
-    `perturb(blocks)` is a context in which the model runs with perturbed attention (for PAG)."""
+    `methods` (name, params) are guidance hooks run on the image grid (`grid` = (to_grid, from_grid)),
+    laid out as `layout` says (`methods.LAYOUTS`); `perturb(blocks)` is a context in which the model runs
+    with perturbed attention (for PAG)."""
     if methods:
-        return _hooked_model(predict, cond, uncond, scale, feature_dim, cfg, methods, grid, perturb)
+        from flowtuner.guidance.methods import LAYOUTS
+
+        return _hooked_model(predict, cond, uncond, scale, feature_dim, cfg, methods, LAYOUTS[layout](grid), perturb)
     if uncond is None or scale <= 1.0:
         return lambda x, sigma: predict(x, sigma, cond)
     combine = CFG_FUNCTIONS[cfg]

@@ -1,9 +1,14 @@
 """Guidance methods as composable hooks, in ComfyUI's order: pre-CFG hooks rewrite the (cond, uncond)
 predictions, one CFG function combines them, post-CFG hooks rewrite the result. They work on denoised
-predictions D (x0 space) laid out as an image grid [B, C, H, W], as ComfyUI's do — but on the 2-D grid
-the methods are written for (ComfyUI hands them Qwen-Image's 5-D [B, C, 1, H, W] latents, where FreSca
-degenerates to a plain scale and RescaleCFG / APG reduce over the wrong axes).
-Formulas: ../shared/reference/guidance-and-sampling.md §3; each is tested against it.
+predictions D (x0 space) laid out as an image grid.
+
+The layout is a choice (`LAYOUTS`, `--guidance_layout`): by default the 2-D grid [B, C, H, W] the methods
+are written for; `comfyui` adds ComfyUI's frame axis, [B, C, 1, H, W], the shape ComfyUI hands these
+hooks for Qwen-Image. Each method reduces over the axes ComfyUI's code names (APG: the last three;
+RescaleCFG: 1, 2, 3; FreSca: a centre box on every axis after the channels), so the same code gives the
+intended result on the grid and ComfyUI's on the 5-D layout, where FreSca degenerates to a plain scale
+and RescaleCFG / APG reduce over other axes. tests/test_comfyui_parity.py runs ComfyUI's own patch
+functions against both. Formulas: ../shared/reference/guidance-and-sampling.md §3.
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ def plain_cfg(s: Step, p: dict, state: dict) -> torch.Tensor:
 
 
 def rescale_cfg(s: Step, p: dict, state: dict) -> torch.Tensor:
-    """RescaleCFG: CFG in (VP) v-space, its std pulled toward the conditional one (std per sample)."""
+    """RescaleCFG: CFG in (VP) v-space, its std pulled toward the conditional one (std over axes 1-3)."""
     if s.uncond is None:
         return s.cond
     sig = s.sigma
@@ -54,7 +59,7 @@ def rescale_cfg(s: Step, p: dict, state: dict) -> torch.Tensor:
     k = (sig**2 + 1) ** 0.5 / sig
     v_c, v_u = (x - s.cond) * k, (x - s.uncond) * k
     v_cfg = v_u + s.scale * (v_c - v_u)
-    dims = tuple(range(1, v_c.dim()))
+    dims = (1, 2, 3)  # per sample on the grid; per width column on the 5-D layout, as ComfyUI
     ratio = v_c.std(dim=dims, keepdim=True) / v_cfg.std(dim=dims, keepdim=True)
     m = p["multiplier"]
     v = m * v_cfg * ratio + (1 - m) * v_cfg
@@ -100,7 +105,8 @@ def mahiro(s: Step, d: torch.Tensor, p: dict, state: dict) -> torch.Tensor:
 
 def apg(s: Step, p: dict, state: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Adaptive Projected Guidance: the guidance's component parallel to D_c is scaled by eta, its norm
-    capped, optionally with momentum (reset when sigma rises: a new run). Norms over (C, H, W)."""
+    capped, optionally with momentum (reset when sigma rises: a new run). Norms over the last three axes:
+    (C, H, W) on the grid, (T, H, W) per channel on the 5-D layout."""
     if s.uncond is None:
         return s.cond, s.uncond
     if state.get("prev_sigma") is not None and s.sigma > state["prev_sigma"]:
@@ -133,16 +139,17 @@ def tcfg(s: Step, p: dict, state: dict) -> tuple[torch.Tensor, torch.Tensor | No
 
 
 def fresca(s: Step, p: dict, state: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Frequency-scaled guidance over the 2-D grid: low frequencies x scale_low, high x scale_high."""
+    """Frequency-scaled guidance over the 2-D grid: low frequencies x scale_low, high x scale_high.
+
+    The low-frequency box spans every axis after the channels, as ComfyUI's: a single frame axis (the
+    5-D layout) has no centre box, so there the whole spectrum is scaled by scale_high."""
     if s.uncond is None:
         return s.cond, s.uncond
     g = s.cond - s.uncond
     spec = torch.fft.fftshift(torch.fft.fftn(g.float(), dim=(-2, -1)), dim=(-2, -1))
-    mask = torch.full(g.shape[-2:], p["scale_high"], device=g.device)
-    (h, w), f = g.shape[-2:], p["freq_cutoff"]
-    ch, cw = h // 2, w // 2
-    fh, fw = min(f, ch), min(f, cw)
-    mask[ch - fh : ch + fh, cw - fw : cw + fw] = p["scale_low"]
+    mask = torch.full(g.shape[2:], p["scale_high"], device=g.device)
+    f = p["freq_cutoff"]
+    mask[tuple(slice(n // 2 - min(f, n // 2), n // 2 + min(f, n // 2)) for n in g.shape[2:])] = p["scale_low"]
     g2 = torch.fft.ifftn(torch.fft.ifftshift(spec * mask, dim=(-2, -1)), dim=(-2, -1)).real.to(g.dtype)
     return s.uncond + g2, s.uncond
 
@@ -191,6 +198,19 @@ METHODS: dict[str, Method] = {
     "differential_diffusion": Method("mask", differential_diffusion, {"strength": 1.0},
                                      "soft --mask: mask >= (sigma - sigma_min)/(sigma_0 - sigma_min) regenerates; region grows as sigma falls"),
 }
+
+
+def _with_frame_axis(grid: tuple[Callable, Callable]) -> tuple[Callable, Callable]:
+    to_grid, from_grid = grid
+    return (lambda x: to_grid(x).unsqueeze(2)), (lambda d: from_grid(d.squeeze(2)))
+
+
+# --guidance_layout: how the predictions are laid out for the hooks, from the family's 2-D (to_grid, from_grid)
+LAYOUTS: dict[str, Callable[[tuple[Callable, Callable]], tuple[Callable, Callable]]] = {
+    "grid": lambda grid: grid,
+    "comfyui": _with_frame_axis,
+}
+LAYOUT_DIFFERS = ("apg", "fresca", "rescale_cfg")  # the methods whose result depends on the layout
 
 
 UNAVAILABLE = {
