@@ -6,12 +6,34 @@ import io
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
 
 def noise_image(w: int, h: int, seed: int = 0, mode: str = "RGB") -> Image.Image:
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).convert(mode)
+
+
+def line_drawing(w: int, h: int, mode: str = "RGB", seed: int = 0) -> Image.Image:
+    """Text and one-pixel lines on white: where resampling filters disagree most (hard edges, fine detail).
+    RGBA gets a varying alpha; P a 64-colour palette."""
+    rng = np.random.default_rng(seed)
+    img = Image.new("RGB", (w, h), (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    for _ in range(max(4, (w + h) // 6)):
+        x0, x1 = rng.integers(0, w, 2)
+        y0, y1 = rng.integers(0, h, 2)
+        draw.line((int(x0), int(y0), int(x1), int(y1)), fill=tuple(int(c) for c in rng.integers(0, 256, 3)), width=1)
+    for y in range(2, h, 13):
+        draw.text((int(rng.integers(0, max(1, w // 4))), y), "Flow 0123 quick fox", fill=(0, 0, 0))
+    if mode == "RGBA":
+        alpha = Image.linear_gradient("L").resize((w, h)).point(lambda v: 255 - v // 2)  # 128..255
+        img = img.convert("RGBA")
+        img.putalpha(alpha)
+        return img
+    if mode == "P":
+        return img.quantize(64)
+    return img.convert(mode)
 
 
 def write_item(folder: Path, stem: str, image: Image.Image, caption: str | None, suffix: str = ".png") -> Path:

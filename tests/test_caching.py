@@ -184,3 +184,87 @@ def test_kill_minus_nine_mid_write_then_rerun_completes(tmp_path, dataset, tiny_
     assert main(args) == 0
     assert "2 cached, 2 fresh" in summary(capsys)
     assert len(list(out.glob("*_qi.safetensors"))) == 4 and not list(out.glob(".*.tmp"))
+
+
+MUSUBI_LATENT_META = {"architecture": "qwen_image", "width": "40", "height": "20", "format_version": "1.0.1"}
+
+
+def test_other_tools_files_are_never_replaced_or_removed(tmp_path, dataset, tiny_files, capsys):
+    """An EXIF-rotated image: musubi-tuner names its cache after the stored size (40x20) and so does flowtuner now,
+    so musubi's file is found, kept untouched and reported; another tool's orphan is left in place and reported,
+    while flowtuner's own orphan is removed."""
+    from PIL import Image
+
+    images, out = tmp_path / "images", tmp_path / "cache"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    noise_image(40, 20, seed=5).save(images / "rot.jpg", exif=exif)
+    (images / "rot.txt").write_text("rotated")
+    out.mkdir()
+    theirs = out / "rot_0040x0020_qi.safetensors"
+    save_file({"latents_1x2x2_bfloat16": torch.ones(16, 1, 2, 2, dtype=torch.bfloat16)}, theirs, MUSUBI_LATENT_META)
+    foreign_orphan = out / "gone_0064x0064_qi.safetensors"
+    save_file({"latents_1x8x8_bfloat16": torch.zeros(16, 1, 8, 8, dtype=torch.bfloat16)}, foreign_orphan,
+              {**MUSUBI_LATENT_META, "width": "64", "height": "64"})
+    before = theirs.read_bytes()
+    assert cache("latents", dataset, tiny_files["repo"]) == 0
+    text = summary(capsys)
+    assert "4 cached, 0 fresh (skipped), 1 unverified" in text and "0 removed" in text
+    assert "unverified: 1 x no flowtuner provenance" in text
+    assert ("1 cache files the dataset no longer produces were left in place because flowtuner did not write them "
+            f"(e.g. {foreign_orphan})") in text
+    assert theirs.read_bytes() == before and foreign_orphan.exists()
+    assert not (out / "rot_0020x0040_qi.safetensors").exists()
+    (images / "img0.png").unlink()  # flowtuner's own cache of it is now an orphan: removed
+    assert cache("latents", dataset, tiny_files["repo"]) == 0
+    assert "1 removed" in summary(capsys) and not (out / "img0_0064x0064_qi.safetensors").exists() and foreign_orphan.exists()
+
+
+def _rewrite_keeping_metadata(path, tensor=None, **meta_changes):
+    """What musubi-tuner's text cache writer does to an existing file: new tensors, the old metadata kept."""
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if tensor is not None:
+        tensors = {k: tensor(v) for k, v in tensors.items()}
+    save_file(tensors, path, {**meta, **meta_changes})
+
+
+@pytest.mark.parametrize("change", ["tensor", "caption1"])
+def test_a_file_rewritten_by_another_tool_is_no_longer_flowtuners(tmp_path, dataset, tiny_files, capsys, change):
+    from flowtuner.data.cache import written_by_flowtuner
+
+    repo = tiny_files["repo"]
+    assert cache("text", dataset, repo) == 0
+    path = tmp_path / "cache" / "img1_qi_te.safetensors"
+    assert written_by_flowtuner(path)
+    if change == "tensor":
+        _rewrite_keeping_metadata(path, tensor=lambda t: t + 1)
+    else:
+        _rewrite_keeping_metadata(path, caption1="edited elsewhere")
+    assert not written_by_flowtuner(path)
+    rewritten = path.read_bytes()
+    summary(capsys)
+    assert cache("text", dataset, repo) == 0
+    out = summary(capsys)
+    assert "0 cached, 3 fresh (skipped), 1 unverified" in out and "changed since flowtuner wrote it" in out
+    (tmp_path / "images/img1.png").unlink()
+    (tmp_path / "images/img1.txt").unlink()
+    assert cache("text", dataset, repo) == 0
+    out = summary(capsys)
+    assert "0 removed" in out and "1 cache files the dataset no longer produces were left in place" in out
+    assert path.read_bytes() == rewritten
+
+
+def test_content_digest_covers_every_tensor_byte_and_the_metadata(tmp_path):
+    from flowtuner.data.cache import is_own_output, save_latent_cache
+    from flowtuner.weights.reader import open_checkpoint
+
+    path = tmp_path / "x_0064x0064_qi.safetensors"
+    latent = torch.randn(16, 1, 8, 8).to(torch.bfloat16)
+    save_latent_cache(path, latent, "qwen_image", (64, 64), {"recipe": "r"})
+    assert is_own_output(open_checkpoint(path))
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1  # one bit of the last tensor element
+    path.write_bytes(bytes(data))
+    assert not is_own_output(open_checkpoint(path))

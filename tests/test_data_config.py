@@ -61,7 +61,8 @@ def test_json_config_and_defaults(folders):
      "#1 and #2 share cache_directory"),
     ('[[datasets]]\nimage_directory = "a"\nbatch_size = "4"\n', "'batch_size' must be an integer"),
     ('[[datasets]]\nimage_directory = "a"\nresolution = [1, 2, 3]\n', "'resolution' must be an int or [W, H]"),
-    ('[[datasets]]\nimage_directory = "a"\nimage_jsonl_file = "x.jsonl"\n', "exactly one of"),
+    ('[[datasets]]\nresolution = 512\n', "give 'image_directory' or 'image_jsonl_file'"),
+    ('[[datasets]]\nimage_jsonl_file = "a"\ncache_directory = "c"\n', "image_jsonl_file"),
     ('[[datasets]]\nvideo_directory = "a"\n', "video datasets are not supported"),
     ('[general\nresolution = 5\n', "invalid TOML"),
     ('[general]\nresolution = 512\n', "no [[datasets]] entries"),
@@ -75,8 +76,10 @@ def test_bad_configs(folders, monkeypatch, body, message):
     assert "\n" not in str(err.value)
 
 
-def test_jsonl_needs_cache_directory_and_reports_bad_lines(folders):
+def test_jsonl_needs_cache_directory_and_reports_bad_lines(folders, monkeypatch):
     from flowtuner.data.sources import collect_items
+
+    monkeypatch.chdir(folders)
 
     jsonl = folders / "meta.jsonl"
     jsonl.write_text('{"image_path": "a/x.png", "caption": "x"}\n{not json}\n')
@@ -85,6 +88,40 @@ def test_jsonl_needs_cache_directory_and_reports_bad_lines(folders):
     (ds,) = load_dataset_config(write_config(folders / "j.toml", f'[[datasets]]\nimage_jsonl_file = "{jsonl}"\ncache_directory = "c"\n'))
     with pytest.raises(ConfigError, match=r"meta.jsonl:2: not valid JSON"):
         collect_items(ds)
+
+
+def test_directory_and_jsonl_both_given_directory_wins_with_one_warning(folders, caplog):
+    jsonl = folders / "meta.jsonl"
+    jsonl.write_text('{"image_path": "x.png", "caption": "x"}\n')
+    cfg = write_config(folders / "d.toml", f'[[datasets]]\nimage_directory = "{folders / "a"}"\nimage_jsonl_file = "{jsonl}"\n')
+    with caplog.at_level(logging.WARNING):
+        (ds,) = load_dataset_config(cfg)
+    assert ds.image_directory == folders / "a" and ds.image_jsonl_file is None and ds.cache_directory == folders / "a"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "image_directory is used and the JSONL ignored, as musubi-tuner does" in warnings[0]
+
+
+def test_relative_paths_resolve_against_the_working_directory_logged_once(folders, tmp_path_factory, monkeypatch, caplog):
+    """musubi-tuner opens these strings as given, i.e. relative to where the command runs, not to the config."""
+    work = tmp_path_factory.mktemp("work")
+    (work / "imgs").mkdir()
+    (work / "ctrl").mkdir()
+    (folders / "cache").mkdir()  # beside the config: an earlier flowtuner wrote here; not used now
+    monkeypatch.chdir(work)
+    cfg = write_config(folders / "d.toml", '[[datasets]]\nimage_directory = "imgs"\ncache_directory = "cache"\n'
+                                           'control_directory = "ctrl"\n')
+    with caplog.at_level(logging.INFO, logger="flowtuner.data.config"):
+        (ds,) = load_dataset_config(cfg)
+        load_dataset_config(cfg)
+    assert (ds.image_directory, ds.cache_directory, ds.control_directory) == (work / "imgs", work / "cache", work / "ctrl")
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 3 and all("relative paths resolve against the working directory" in x for x in lines)
+    assert f"cache_directory 'cache' is {work / 'cache'}" in lines[1]
+    assert f"{folders / 'cache'} (beside the config) is not used" in lines[1]
+    monkeypatch.chdir(tmp_path_factory.mktemp("elsewhere"))
+    with pytest.raises(ConfigError, match=rf"image_directory .* does not exist; .* and {work / 'imgs'} exists") as err:
+        load_dataset_config(write_config(work / "d.toml", '[[datasets]]\nimage_directory = "imgs"\n'))
+    assert "\n" not in str(err.value)
 
 
 def test_deprecated_alias_warns(folders, caplog):

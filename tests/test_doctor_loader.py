@@ -47,6 +47,27 @@ num_repeats = 2
     assert len(sheets) == 1 and Image.open(sheets[0]).size[0] > 0
 
 
+def test_doctor_says_which_images_musubi_reads_differently(tmp_path, capsys):
+    images = tmp_path / "images"
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    write_item(images, "turned", noise_image(48, 32), "a", suffix=".jpg").unlink()
+    noise_image(48, 32).save(images / "turned.jpg", exif=exif)
+    write_item(images, "clear", Image.new("RGBA", (32, 32), (9, 9, 9, 0)), "b")
+    write_item(images, "plain", noise_image(32, 32), "c")
+    write_item(images, "anim", noise_image(32, 32), "d", suffix=".gif")
+    cfg = write_config(tmp_path / "d.toml", f'[[datasets]]\nresolution = 32\nimage_directory = "{images}"\n')
+    assert main(["dataset", "check", "--dataset_config", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert "3 items, 3 readable" in out and "0 errors, 3 warnings" in out
+    for text in ("turned.jpg: EXIF orientation 8: viewers show it rotated 90° counter-clockwise, but it is trained as stored",
+                 "clear.png: transparent pixels composited onto white; musubi-tuner drops the alpha channel, so the two tools' "
+                 "caches of this image differ",
+                 "anim.gif: skipped: '.gif' is not one of musubi-tuner's image extensions"):
+        assert text in out, text
+    assert "plain.png" not in out
+
+
 def test_doctor_exit_zero_on_clean_dataset(tmp_path, capsys):
     assert main(["dataset", "check", "--dataset_config", str(good_dataset(tmp_path))]) == 0
     assert "no errors" in capsys.readouterr().out
@@ -107,6 +128,16 @@ def test_num_repeats_multiplies_items(cached):
 def test_cache_not_matching_config_is_an_error(cached):
     cached.write_text(cached.read_text().replace("resolution = [64, 64]", "resolution = [48, 48]"))
     with pytest.raises(CacheError, match=r"img0_0064x0064_qi.safetensors: cached at 64x64, but the dataset config now puts"):
+        _plan(cached)
+
+
+def test_two_latent_caches_of_one_item_are_an_error(cached, tmp_path):
+    import shutil
+
+    cache = tmp_path / "cache"
+    shutil.copy(cache / "img0_0064x0064_qi.safetensors", cache / "img0_0048x0048_qi.safetensors")
+    with pytest.raises(CacheError, match=r"img0_0048x0048_qi.safetensors and img0_0064x0064_qi.safetensors are latent caches "
+                                         r"of the same item 'img0'"):
         _plan(cached)
 
 

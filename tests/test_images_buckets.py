@@ -20,10 +20,14 @@ def _exif_rotated(path):
     return path
 
 
-def test_exif_orientation_applied(tmp_path):
+def test_exif_orientation_reported_not_applied(tmp_path):
+    """musubi-tuner trains the pixels as stored (and names the cache after the stored size): so does flowtuner."""
     path = _exif_rotated(tmp_path / "r.jpg")
-    assert read_info(path).width == 20 and read_info(path).height == 40
-    assert read_rgb(path).size == (20, 40)
+    info = read_info(path)
+    assert (info.width, info.height, info.orientation) == (40, 20, 6)
+    decoded = images.decode(path)
+    assert decoded.image.size == (40, 20) and decoded.orientation == 6 and decoded.differences == []
+    np.testing.assert_array_equal(np.asarray(decoded.image), np.asarray(Image.open(path).convert("RGB")))
 
 
 def test_modes_become_rgb(tmp_path):
@@ -41,6 +45,11 @@ def test_modes_become_rgb(tmp_path):
     for name, rgb in expected.items():
         img = read_rgb(p / name)
         assert img.mode == "RGB" and img.getpixel((3, 3)) == rgb, name
+    differs = {name: images.decode(p / name).differences for name in expected}
+    assert [name for name, d in differs.items() if d] == ["la.png", "pal.png", "rgba.png", "sixteen.png"]
+    assert "musubi-tuner drops the alpha channel" in differs["rgba.png"][0] and "clips" in differs["sixteen.png"][0]
+    Image.new("RGBA", (8, 8), (255, 0, 0, 255)).save(p / "opaque.png")  # alpha present but unused: same as musubi
+    assert images.decode(p / "opaque.png").differences == []
     cmyk = read_rgb(p / "cmyk.jpg")
     assert cmyk.mode == "RGB" and cmyk.getpixel((3, 3))[0] > 200 and cmyk.getpixel((3, 3))[1] < 60
 
@@ -78,7 +87,35 @@ def test_resize_covers_then_centre_crops():
     img = Image.new("RGB", (1920, 1080))
     img.paste((255, 0, 0), (0, 0, 2, 1080))  # a red stripe at the far left is cropped away
     out = resize_to_bucket(img, (1360, 768))
-    assert out.size == (1360, 768)
-    assert out.getpixel((0, 400))[0] < 128
+    assert out.shape == (768, 1360, 3) and out.dtype == np.uint8
+    assert out[400, 0, 0] < 128
     tall = resize_to_bucket(noise_image(30, 40), (64, 64))  # upscaled with Lanczos
-    assert tall.size == (64, 64)
+    assert tall.shape == (64, 64, 3)
+    np.testing.assert_array_equal(tall, np.asarray(noise_image(30, 40).resize((64, 85), Image.Resampling.LANCZOS))[10:74])
+
+
+def test_shrinking_is_opencv_area_not_pil_box():
+    """At a non-integer scale PIL's BOX is not INTER_AREA: on line art they differ by many levels."""
+    import cv2
+    from PIL import ImageDraw
+
+    img = Image.new("L", (301, 211), 255)
+    draw = ImageDraw.Draw(img)
+    for x in range(0, 301, 5):
+        draw.line((x, 0, 300 - x, 210), fill=0)
+    out = resize_to_bucket(img, (208, 144))  # scale 0.691: 208x146, cropped by one row top and bottom
+    np.testing.assert_array_equal(out, cv2.resize(np.asarray(img), (208, 146), interpolation=cv2.INTER_AREA)[1:145])
+    box = np.asarray(img.resize((208, 146), Image.Resampling.BOX))[1:145]
+    assert np.abs(out.astype(int) - box).max() > 20
+
+
+def test_image_extensions_are_musubis(tmp_path):
+    """musubi-tuner's list and case rule: .gif / .tif / .Png are not read (each reported), dot files neither."""
+    from flowtuner.data.sources import _images_in, _skipped_images
+
+    for name in ("a.png", "b.JPG", "c.jpeg", "d.webp", "e.bmp", "f.avif", "g.gif", "h.tif", "i.Png", ".hidden.png", "j.txt"):
+        (tmp_path / name).write_bytes(b"")
+    assert [p.name for p in _images_in(tmp_path)] == ["a.png", "b.JPG", "c.jpeg", "d.webp", "e.bmp", "f.avif"]
+    assert [p.path.name for p in _skipped_images(tmp_path)] == ["g.gif", "h.tif", "i.Png"]
+    assert set(images.IMAGE_EXTENSIONS) >= {".png", ".PNG", ".jpg", ".JPG", ".jpeg", ".JPEG", ".webp", ".WEBP", ".bmp", ".BMP",
+                                            ".avif", ".AVIF"}

@@ -6,8 +6,11 @@ Names, tensor keys, shapes and musubi's metadata are kept, so either tool reads 
   text:    {cache_dir}/{stem}_{arch}_te.safetensors
            key varlen_vl_embed_{dtype}: [L, D], the valid tokens after the template cut
 flowtuner adds `flowtuner.*` metadata: what the cache was made from (source file identity, bucket,
-caption, model weights, recipe). A cache is fresh only when all of it still holds; a musubi-tuner
-cache without it is accepted as "unverified".
+caption, model weights, recipe), and a digest of the file's content (tensors and the other metadata).
+The digest tells flowtuner's own, unchanged output from a file another tool wrote or rewrote
+(musubi-tuner keeps the existing metadata when it re-caches text): only its own output is ever
+replaced or removed; any other cache is "unverified" and left alone. A cache of flowtuner's is fresh
+only when all of its record still holds.
 """
 
 from __future__ import annotations
@@ -21,9 +24,11 @@ from pathlib import Path
 import torch
 
 from flowtuner.weights.reader import Checkpoint, open_checkpoint
+from flowtuner.weights.writer import atomic_save_safetensors
 
 FORMAT_VERSION = "1.0.1"  # musubi-tuner's cache format version
 PROVENANCE_PREFIX = "flowtuner."
+CONTENT_KEY = PROVENANCE_PREFIX + "content"
 FRESH, MISSING, STALE, UNVERIFIED, CORRUPT = "fresh", "missing", "stale", "unverified", "corrupt"
 
 
@@ -88,6 +93,79 @@ def read_provenance(metadata: dict[str, str]) -> dict:
     return {k[len(PROVENANCE_PREFIX):]: json.loads(v) for k, v in metadata.items() if k.startswith(PROVENANCE_PREFIX)}
 
 
+class _ContentHash:
+    """SHA-256 over each tensor (name, dtype, shape, bytes; by name) and the metadata other than the digest
+    itself: independent of the file layout, so it can be computed from the tensors before they are written."""
+
+    def __init__(self):
+        self._hash = hashlib.sha256()
+
+    def tensor(self, name: str, dtype: torch.dtype, shape, data) -> None:
+        self._hash.update(f"{name}|{dtype_name(dtype)}|{list(shape)}|{len(data)};".encode())
+        self._hash.update(data)
+
+    def result(self, metadata: dict[str, str]) -> str:
+        rest = {k: v for k, v in metadata.items() if k != CONTENT_KEY}
+        self._hash.update(json.dumps(rest, sort_keys=True).encode())
+        return self._hash.hexdigest()
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
+
+
+def content_digest(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    digest = _ContentHash()
+    for name in sorted(tensors):
+        digest.tensor(name, tensors[name].dtype, tensors[name].shape, _tensor_bytes(tensors[name]))
+    return digest.result(metadata)
+
+
+def file_content_digest(ckpt: Checkpoint) -> str:
+    """The content digest of a cache file as it is on disk (reads every tensor's bytes)."""
+    digest = _ContentHash()
+    with open(ckpt.path, "rb") as f:
+        for name in sorted(ckpt.entries):
+            entry = ckpt.entries[name]
+            f.seek(entry.start)
+            digest.tensor(name, entry.dtype, entry.shape, f.read(entry.nbytes))
+    return digest.result(ckpt.metadata)
+
+
+def is_own_output(ckpt: Checkpoint) -> bool:
+    """Whether flowtuner wrote this file and nothing has changed it since."""
+    recorded = read_provenance(ckpt.metadata).get("content")
+    return recorded is not None and recorded == file_content_digest(ckpt)
+
+
+def written_by_flowtuner(path: Path) -> bool:
+    """`is_own_output` for a path; an unreadable file is not provably flowtuner's."""
+    try:
+        return is_own_output(open_checkpoint(path))
+    except Exception:  # noqa: BLE001 - whatever makes it unreadable, it is not shown to be ours
+        return False
+
+
+def save_cache(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str], provenance: dict) -> None:
+    """Write a cache atomically with musubi-tuner's `metadata`, flowtuner's provenance and the content digest."""
+    meta = {**metadata, **provenance_metadata(**provenance)}
+    meta[CONTENT_KEY] = json.dumps(content_digest(tensors, meta))
+    atomic_save_safetensors(tensors, path, meta)
+
+
+def save_latent_cache(path: Path, latent: torch.Tensor, architecture: str, size: tuple[int, int], provenance: dict) -> None:
+    """musubi-tuner's latent cache: latent [C, F, h, w]; `size` = the original image's (W, H)."""
+    meta = {"architecture": architecture, "width": str(size[0]), "height": str(size[1]), "format_version": FORMAT_VERSION}
+    save_cache(path, {latent_tensor_key(latent): latent}, meta, provenance)
+
+
+def save_text_cache(path: Path, embed: torch.Tensor, architecture: str, caption: str, provenance: dict) -> None:
+    """musubi-tuner's text-encoder cache: embed [L, D], the valid tokens only."""
+    meta = {"architecture": architecture, "caption1": caption, "format_version": FORMAT_VERSION}
+    save_cache(path, {text_tensor_key(embed): embed}, meta, provenance)
+
+
 @dataclass
 class Status:
     state: str  # FRESH, MISSING, STALE, UNVERIFIED, CORRUPT
@@ -97,16 +175,23 @@ class Status:
 def check_cache(path: Path, expected: dict, source: Path | None) -> Status:
     """Compare a cache file's provenance with what it would be made from now.
 
+    A file that is not flowtuner's own, unchanged output is UNVERIFIED (left alone, whatever it holds).
     `expected` holds everything but the source identity; the source is compared by size and mtime,
     and only when the mtime differs, by content hash (a touched but unchanged file stays fresh)."""
     if not path.exists():
         return Status(MISSING)
     try:
-        have = read_provenance(open_checkpoint(path).metadata)
+        ckpt = open_checkpoint(path)
+        have = read_provenance(ckpt.metadata)
+        own = bool(have) and is_own_output(ckpt)
     except Exception as exc:  # an unreadable cache is stale, whatever the reason
         return Status(CORRUPT, f"unreadable ({exc})")
     if not have:
-        return Status(UNVERIFIED, "no provenance (made by musubi-tuner?)")
+        return Status(UNVERIFIED, "no flowtuner provenance (written by another tool, e.g. musubi-tuner)")
+    if not own:
+        if "content" not in have:
+            return Status(UNVERIFIED, "no content digest (written by an older flowtuner?)")
+        return Status(UNVERIFIED, "changed since flowtuner wrote it (rewritten by another tool?)")
     for key, value in expected.items():
         if have.get(key) != value:
             return Status(STALE, f"{key} changed")

@@ -1,9 +1,12 @@
 """`cache-latents` and `cache-text`: compute exactly the missing or stale cache files, write each
-atomically, and report. Model-agnostic: the family supplies the encoders and the naming."""
+atomically, and report. Only flowtuner's own, unchanged files are ever replaced or removed (their
+content digest proves it); a cache another tool wrote is left alone and reported. Model-agnostic: the
+family supplies the encoders and the naming."""
 
 from __future__ import annotations
 
 import logging
+import os
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -15,21 +18,22 @@ from tqdm import tqdm
 
 from flowtuner.data.buckets import BucketSelector, resize_to_bucket
 from flowtuner.data.cache import (
-    FORMAT_VERSION, FRESH, MISSING, STALE, UNVERIFIED, check_cache, latent_cache_path, latent_tensor_key,
-    provenance_metadata, remove_quietly, source_identity, text_cache_path, text_tensor_key, weights_identity,
+    FRESH, MISSING, STALE, UNVERIFIED, check_cache, latent_cache_path, remove_quietly, save_latent_cache, save_text_cache,
+    source_identity, text_cache_path, weights_identity, written_by_flowtuner,
 )
 from flowtuner.data.config import Dataset
 from flowtuner.data.images import ImageReadError, read_info, read_rgb
 from flowtuner.data.sources import Item, collect_items
 from flowtuner.families.base import Family, ModelPaths
 from flowtuner.families.paths import require
-from flowtuner.weights import atomic_save_safetensors
 from flowtuner.weights.reader import open_checkpoint
 
 log = logging.getLogger(__name__)
 
 CACHE_DTYPE = torch.bfloat16  # musubi-tuner's caches are bf16
-LATENT_RECIPE = "cover-crop-lanczos-box/mode/v1"
+CHECK_THREADS = max(1, min(8, (os.cpu_count() or 2) - 1))
+# as stored (no EXIF rotation), cover + centre crop, Lanczos up / INTER_AREA down (musubi-tuner's pixels), mode
+LATENT_RECIPE = "stored-cover-crop-lanczos-inter_area/mode/v2"
 
 
 @dataclass
@@ -42,14 +46,21 @@ class CacheSummary:
     kept_stale: int = 0
     removed: int = 0
     stale_reasons: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    unverified_reasons: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    foreign_orphans: list[Path] = field(default_factory=list)  # not produced by the dataset, not flowtuner's: kept
     failed: list[tuple[Path, str]] = field(default_factory=list)
 
     def lines(self) -> list[str]:
         out = [f"{self.kind} caches: {self.total} items: {self.cached} cached, {self.fresh} fresh (skipped), "
-               f"{self.unverified} unverified (no provenance, kept), {len(self.failed)} failed, {self.removed} removed"]
+               f"{self.unverified} unverified (not flowtuner's, kept), {len(self.failed)} failed, {self.removed} removed"]
         if self.kept_stale:
             out.append(f"  {self.kept_stale} stale caches kept because of --skip_existing")
         out += [f"  recomputed: {n} x {reason}" for reason, n in sorted(self.stale_reasons.items())]
+        out += [f"  unverified: {n} x {reason}" for reason, n in sorted(self.unverified_reasons.items())]
+        if self.foreign_orphans:
+            out.append(f"  {len(self.foreign_orphans)} cache files the dataset no longer produces were left in place because "
+                       f"flowtuner did not write them (e.g. {self.foreign_orphans[0]}); training reads every cache in the "
+                       "folder: delete them if they are stale")
         out += [f"  failed: {path}: {reason}" for path, reason in self.failed]
         return out
 
@@ -71,14 +82,17 @@ def _sweep_temp_files(folder: Path) -> None:
 
 
 def _triage(tasks: list[Task], summary: CacheSummary, skip_existing: bool, with_source: bool) -> list[Task]:
-    """The tasks whose cache is missing, stale or unreadable; counts the rest."""
+    """The tasks whose cache is missing, stale or unreadable; counts the rest. Checks run in threads: each
+    hashes its file's content (hashlib releases the GIL), about 3 ms per 1024x1024 latent + text pair."""
     todo = []
-    for task in tasks:
-        status = check_cache(task.path, task.expected, task.item.image if with_source else None)
+    with ThreadPoolExecutor(CHECK_THREADS) as pool:
+        statuses = list(pool.map(lambda t: check_cache(t.path, t.expected, t.item.image if with_source else None), tasks))
+    for task, status in zip(tasks, statuses):
         if status.state == FRESH:
             summary.fresh += 1
         elif status.state == UNVERIFIED:
             summary.unverified += 1
+            summary.unverified_reasons[status.reason] += 1
         elif status.state == STALE and skip_existing:
             summary.kept_stale += 1
         else:
@@ -90,15 +104,20 @@ def _triage(tasks: list[Task], summary: CacheSummary, skip_existing: bool, with_
 
 def _remove_orphans(datasets: list[Dataset], keep: dict[Path, set[Path]], protected: dict[Path, set[str]],
                     pattern: str, key_of, summary: CacheSummary, keep_cache: bool) -> None:
-    """Cache files in a dataset's cache folder that the dataset no longer produces."""
+    """Cache files in a dataset's cache folder that the dataset no longer produces: removed when they are
+    flowtuner's own output, otherwise left in place and reported."""
     if keep_cache:
         return
     for ds in datasets:
         folder = ds.cache_directory
-        for path in folder.glob(pattern):
-            if path not in keep[folder] and key_of(path) not in protected[folder]:
+        for path in sorted(folder.glob(pattern)):
+            if path in keep[folder] or key_of(path) in protected[folder]:
+                continue
+            if written_by_flowtuner(path):
                 remove_quietly(path)
                 summary.removed += 1
+            else:
+                summary.foreign_orphans.append(path)
 
 
 def _latent_tasks(datasets, family, vae_id, summary, protected) -> list[Task]:
@@ -122,8 +141,7 @@ def _latent_tasks(datasets, family, vae_id, summary, protected) -> list[Task]:
 
 def _load_for_bucket(task: Task) -> tuple[Task, np.ndarray | str]:
     try:
-        image = resize_to_bucket(read_rgb(task.item.image), task.bucket)
-        return task, np.asarray(image)
+        return task, resize_to_bucket(read_rgb(task.item.image), task.bucket)
     except ImageReadError as exc:
         return task, exc.reason
 
@@ -173,10 +191,8 @@ def _encode_and_write(codec, loaded: list[tuple[Task, np.ndarray | str]], family
     latents = codec.encode(pixels).to(torch.float32).cpu()
     for (task, _), latent in zip(good, latents):
         latent = torch.nan_to_num(latent).to(CACHE_DTYPE)
-        w, h = task.size
-        meta = {"architecture": family.architecture, "width": str(w), "height": str(h), "format_version": FORMAT_VERSION}
-        meta.update(provenance_metadata(**task.expected, source=source_identity(task.item.image)))
-        atomic_save_safetensors({latent_tensor_key(latent): latent}, task.path, meta)
+        save_latent_cache(task.path, latent, family.architecture, task.size,
+                          {**task.expected, "source": source_identity(task.item.image)})
         summary.cached += 1
 
 
@@ -206,9 +222,7 @@ def cache_text(datasets: list[Dataset], family: Family, paths: ModelPaths, devic
                 chunk = todo[start : start + size]
                 for task, cond in zip(chunk, encoder.encode([t.item.caption for t in chunk])):
                     embed = torch.nan_to_num(cond.embeds[0].float()).to(CACHE_DTYPE)
-                    meta = {"architecture": family.architecture, "caption1": task.item.caption, "format_version": FORMAT_VERSION}
-                    meta.update(provenance_metadata(**task.expected))
-                    atomic_save_safetensors({text_tensor_key(embed): embed}, task.path, meta)
+                    save_text_cache(task.path, embed, family.architecture, task.item.caption, task.expected)
                     summary.cached += 1
                 bar.update(len(chunk))
         del encoder

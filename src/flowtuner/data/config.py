@@ -1,6 +1,7 @@
 """musubi-tuner's dataset config (TOML or JSON), as typed dataclasses: the single source of the
 schema, the defaults and the docs. Value lookup: [[datasets]] entry, then [general], then the command
-line (e.g. caching --batch_size), then the defaults below."""
+line (e.g. caching --batch_size), then the defaults below. Relative paths resolve against the working
+directory, as musubi-tuner resolves them, so both tools read and write the same folders."""
 
 from __future__ import annotations
 
@@ -139,11 +140,33 @@ def _read(file: Path) -> dict:
         raise ConfigError(f"{file}: invalid JSON at line {exc.lineno}: {exc.msg}.") from None
 
 
-def _resolve_path(value: str | None, base: Path) -> Path | None:
+_LOGGED: set[tuple] = set()
+
+
+def _resolve_path(value: str | None, key: str, file: Path, section: str) -> Path | None:
+    """musubi-tuner passes these strings straight to glob/open: a relative path is relative to the working
+    directory (not to the config file). Each relative one is logged once, with where it resolved."""
     if value is None:
         return None
     path = Path(value).expanduser()
-    return path if path.is_absolute() else (Path.cwd() / path if (Path.cwd() / path).exists() else base / path)
+    if path.is_absolute():
+        return path
+    resolved = Path.cwd() / path
+    if (file, section, key, resolved) not in _LOGGED:
+        _LOGGED.add((file, section, key, resolved))
+        beside = file.parent.resolve() / path
+        hint = f"; note: {beside} (beside the config) is not used" if beside.exists() and beside != resolved.resolve() else ""
+        log.info("%s: %s '%s' is %s (relative paths resolve against the working directory, as in musubi-tuner)%s",
+                 _where(file, section), key, value, resolved, hint)
+    return resolved
+
+
+def _missing_path_hint(value: str, file: Path) -> str:
+    beside = file.parent.resolve() / Path(value).expanduser()
+    if not Path(value).expanduser().is_absolute() and beside.exists():
+        return (f"; relative paths resolve against the working directory (as in musubi-tuner), and {beside} exists: "
+                f"run from {file.parent.resolve()} or give an absolute path")
+    return ""
 
 
 def load_dataset_config(file: str | Path, fallbacks: dict[str, Any] | None = None) -> list[Dataset]:
@@ -168,22 +191,29 @@ def _resolve_entry(i: int, entry: Any, general: dict, fallbacks: dict, defaults:
         raise ConfigError(f"{_where(file, section)}: must be a table.")
     entry = _check_keys(entry, DATASET_KEYS, file, section)
     value = {k: _typed(k, entry.get(k, general.get(k, fallbacks.get(k, defaults[k]))), file, section) for k in DATASET_KEYS}
-    base = file.parent
-    image_dir, jsonl = _resolve_path(value["image_directory"], base), _resolve_path(value["image_jsonl_file"], base)
-    if (image_dir is None) == (jsonl is None):
-        raise ConfigError(f"{_where(file, section)}: give exactly one of 'image_directory' or 'image_jsonl_file'.")
-    source = image_dir or jsonl
-    if not source.exists() or (image_dir is not None and not image_dir.is_dir()):
-        key = "image_directory" if image_dir else "image_jsonl_file"
-        raise ConfigError(f"{_where(file, section)}: {key} {source} does not exist.")
-    cache = _resolve_path(value["cache_directory"], base)
+    if value["image_directory"] is None and value["image_jsonl_file"] is None:
+        raise ConfigError(f"{_where(file, section)}: give 'image_directory' or 'image_jsonl_file'.")
+    if value["image_directory"] is not None and value["image_jsonl_file"] is not None:
+        log.warning("%s: both 'image_directory' and 'image_jsonl_file' are given; image_directory is used and the JSONL "
+                    "ignored, as musubi-tuner does", _where(file, section))
+        value["image_jsonl_file"] = None
+    key = "image_directory" if value["image_directory"] is not None else "image_jsonl_file"
+    source = _resolve_path(value[key], key, file, section)
+    image_dir, jsonl = (source, None) if key == "image_directory" else (None, source)
+    if not source.exists():
+        raise ConfigError(f"{_where(file, section)}: {key} {source} does not exist{_missing_path_hint(value[key], file)}.")
+    if source.is_dir() != (image_dir is not None):
+        raise ConfigError(f"{_where(file, section)}: {key} {source} is {'a folder' if source.is_dir() else 'a file'}; "
+                          f"'{key}' takes {'a folder' if image_dir is not None else 'a JSONL file'}.")
+    cache = _resolve_path(value["cache_directory"], "cache_directory", file, section)
     if cache is None:
         if jsonl is not None:
             raise ConfigError(f"{_where(file, section)}: 'cache_directory' is required with image_jsonl_file.")
         cache = image_dir
-    control = _resolve_path(value["control_directory"], base)
+    control = _resolve_path(value["control_directory"], "control_directory", file, section)
     if control is not None and not control.is_dir():
-        raise ConfigError(f"{_where(file, section)}: control_directory {control} does not exist.")
+        raise ConfigError(f"{_where(file, section)}: control_directory {control} does not exist"
+                          f"{_missing_path_hint(value['control_directory'], file)}.")
     for key in ("batch_size", "num_repeats"):
         if value[key] < 1:
             raise ConfigError(f"{_where(file, section)}: '{key}' must be >= 1, got {value[key]}.")

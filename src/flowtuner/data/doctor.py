@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from flowtuner.data.buckets import BucketSelector, resize_to_bucket, upscale_factor
 from flowtuner.data.config import Dataset
-from flowtuner.data.images import ImageReadError, read_rgb
+from flowtuner.data.images import ORIENTATIONS, ImageReadError, decode, read_rgb
 from flowtuner.data.sources import Item, Problem, collect_items
 
 UPSCALE_WARNING = 1.5  # an image enlarged more than this to fill its bucket is reported
@@ -36,13 +36,31 @@ class DatasetReport:
         return sum(p.severity == "error" for p in self.problems)
 
 
-def _inspect(item: Item) -> tuple[Item, tuple[int, int] | None, str | None, str | None]:
-    """(item, size, content hash, error) with the image fully decoded."""
+@dataclass
+class _Inspected:
+    item: Item
+    size: tuple[int, int] | None = None
+    digest: str | None = None
+    error: str | None = None
+    notes: list[str] = field(default_factory=list)  # warnings about how the image is read
+
+
+def _orientation_note(orientation: int) -> list[str]:
+    if orientation == 1:
+        return []
+    return [f"EXIF orientation {orientation}: viewers show it {ORIENTATIONS[orientation]}, but it is trained as stored "
+            "(musubi-tuner's behaviour, kept so both tools make the same cache); save it upright to train it as shown"]
+
+
+def _inspect(item: Item) -> _Inspected:
+    """The image fully decoded: its size, content hash, and how flowtuner's reading of it is special."""
     try:
-        img = read_rgb(item.image)
+        decoded = decode(item.image)
     except ImageReadError as exc:
-        return item, None, None, exc.reason
-    return item, img.size, hashlib.sha256(item.image.read_bytes()).hexdigest(), None
+        return _Inspected(item, error=exc.reason)
+    notes = _orientation_note(decoded.orientation)
+    notes += [f"{d}, so the two tools' caches of this image differ" for d in decoded.differences]
+    return _Inspected(item, decoded.image.size, hashlib.sha256(item.image.read_bytes()).hexdigest(), notes=notes)
 
 
 def check_dataset(ds: Dataset, size_step: int, estimate_cache, num_workers: int = 2) -> DatasetReport:
@@ -53,10 +71,12 @@ def check_dataset(ds: Dataset, size_step: int, estimate_cache, num_workers: int 
     with ThreadPoolExecutor(max(1, num_workers)) as pool:
         results = list(tqdm(pool.map(_inspect, items), total=len(items), desc=f"checking {ds.name}", unit="img",
                             disable=len(items) < 50))
-    for item, size, digest, error in results:
-        if error:
-            problems.append(Problem("error", item.image, error))
+    for found in results:
+        item, size, digest = found.item, found.size, found.digest
+        if found.error:
+            problems.append(Problem("error", item.image, found.error))
             continue
+        problems += [Problem("warning", item.image, note) for note in found.notes]
         bucket = selector.select(*size)
         report.readable.append((item, bucket))
         report.buckets[bucket] += ds.num_repeats
@@ -88,7 +108,7 @@ def write_previews(report: DatasetReport, folder: Path) -> list[Path]:
         sheet = Image.new("RGB", (SHEET_COLUMNS * (THUMB + 4), rows * (THUMB + 4)), (40, 40, 40))
         draw = ImageDraw.Draw(sheet)
         for i, (item, bucket) in enumerate(chunk):
-            crop = resize_to_bucket(read_rgb(item.image), bucket)
+            crop = Image.fromarray(resize_to_bucket(read_rgb(item.image), bucket))
             scale = THUMB / max(crop.size)  # small crops are enlarged (pixelated) so they stay visible
             crop = crop.resize((max(1, round(crop.width * scale)), max(1, round(crop.height * scale))),
                                Image.Resampling.NEAREST if scale > 1 else Image.Resampling.LANCZOS)

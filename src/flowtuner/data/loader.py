@@ -45,10 +45,15 @@ def scan_caches(datasets: list[Dataset], family: Family) -> list[CachedItem]:
     items, missing_text = [], []
     for ds in datasets:
         selector = BucketSelector(ds.resolution, ds.enable_bucket, ds.bucket_no_upscale, family.size_step)
+        seen: dict[str, Path] = {}
         for latent in sorted(ds.cache_directory.glob(f"*_{family.cache_arch}.safetensors")):
             m = LATENT_NAME.match(latent.name)
             if not m:
                 continue
+            if m["key"] in seen:  # one image cached at two original sizes: one file is stale (musubi-tuner trains both)
+                raise CacheError(f"{seen[m['key']]} and {latent.name} are latent caches of the same item '{m['key']}'; "
+                                 "delete the stale one (or re-run cache-latents, which removes its own stale files).")
+            seen[m["key"]] = latent
             text = text_cache_path(ds.cache_directory, m["key"], family.cache_arch)
             if not text.exists():
                 missing_text.append(text)

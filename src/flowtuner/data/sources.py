@@ -9,8 +9,10 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from PIL import Image
+
 from flowtuner.data.config import Dataset
-from flowtuner.data.images import IMAGE_SUFFIXES
+from flowtuner.data.images import IMAGE_EXTENSIONS, is_image_name
 from flowtuner.errors import ConfigError
 
 
@@ -33,7 +35,18 @@ class Problem:
 
 
 def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    """The images musubi-tuner's glob finds: its extension list, its case rule, no dot files."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and is_image_name(p))
+
+
+def _skipped_images(folder: Path) -> list[Problem]:
+    """Files PIL could read that musubi-tuner's extension list leaves out (.gif, .tif, .Png, ...): a warning
+    each, so a dataset does not shrink unnoticed."""
+    known = Image.registered_extensions()
+    return [Problem("warning", p, f"skipped: '{p.suffix}' is not one of musubi-tuner's image extensions "
+                                  f"({' '.join(IMAGE_EXTENSIONS)})")
+            for p in sorted(folder.iterdir())
+            if p.is_file() and not p.name.startswith(".") and not is_image_name(p) and p.suffix.lower() in known]
 
 
 def _control_order(stem: str, path: Path) -> tuple[int, int, str]:
@@ -51,6 +64,7 @@ def _controls_for(stem: str, candidates: list[Path]) -> list[Path]:
 
 def _from_directory(ds: Dataset, problems: list[Problem]) -> list[Item]:
     items = []
+    problems += _skipped_images(ds.image_directory)
     for image in _images_in(ds.image_directory):
         caption_file = image.with_name(image.stem + ds.caption_extension)
         caption = None
