@@ -109,7 +109,7 @@ def load_denoiser_with_loras(family: Family, paths: ModelPaths, device, attn_mod
     denoiser = family.load_denoiser(paths, device, attn_mode)
     for file, multiplier in loras:
         weights = read_lora_file(file, list(family.lora_block_modules), list(family.lora_stem_modules))
-        merge_into(denoiser.module, weights, multiplier)
+        merge_into(denoiser.module, weights, multiplier, source=f"--lora_weight {file}")
         log.info("merged LoRA %s (x%s, %d modules)", file, multiplier, len(weights))
     return denoiser
 

@@ -22,16 +22,28 @@ SAVE_DTYPES = {"fp32": torch.float32, "float": torch.float32, "fp16": torch.floa
 log = logging.getLogger(__name__)
 
 
+def network_args_metadata(network_args: list[str] | None) -> dict[str, str]:
+    """`ss_network_args` as musubi-tuner writes it: a JSON object of each `key=value` split at its '=', the
+    value kept as the raw string; no key at all without --network_args."""
+    if not network_args:
+        return {}
+    return {"ss_network_args": json.dumps(dict(item.partition("=")[::2] for item in network_args))}
+
+
 def lora_metadata(trainer, pos, network) -> dict[str, str]:
+    """musubi-tuner's metadata; with --no_metadata only the keys it keeps too (what a loader filters on, the
+    modelspec block, and the hashes write_lora_file adds to every file)."""
     cfg, fam = trainer.cfg, trainer.family
+    dim, alpha = network.common_shape()  # a continued LoRA has the file's rank and alpha, not the flags'
     meta = {
         "ss_base_model_version": fam.architecture, "ss_network_module": "networks.lora_qwen_image",
-        "ss_network_dim": str(cfg.network_dim), "ss_network_alpha": str(cfg.network_alpha),
-        "ss_network_args": json.dumps(cfg.network_args or []),
+        "ss_network_dim": str(dim), "ss_network_alpha": str(alpha), **network_args_metadata(cfg.network_args),
         "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": f"{fam.modelspec_architecture}/lora",
         "modelspec.implementation": fam.modelspec_implementation, "modelspec.title": cfg.output_name,
         "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S"), "modelspec.resolution": fam.modelspec_resolution,
     }
+    if cfg.min_timestep is not None or cfg.max_timestep is not None:
+        meta["modelspec.timestep_range"] = f"{_timestep(cfg.min_timestep, 0)},{_timestep(cfg.max_timestep, 1000)}"
     if not cfg.no_metadata:
         meta.update({
             "ss_output_name": cfg.output_name, "ss_learning_rate": str(cfg.learning_rate), "ss_optimizer": cfg.optimizer_type,
@@ -48,6 +60,12 @@ def lora_metadata(trainer, pos, network) -> dict[str, str]:
             "ss_num_lora_modules": str(len(network.paths)), "flowtuner_version": trainer.version,
         })
     return meta
+
+
+def _timestep(value: float | None, default: int) -> int | float:
+    """musubi-tuner's timestep flags are integers: 100.0 reads 100 in the metadata."""
+    value = default if value is None else value
+    return int(value) if float(value).is_integer() else value
 
 
 class Saver:

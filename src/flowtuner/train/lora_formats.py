@@ -9,15 +9,19 @@ which underscores were dots.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
+import safetensors.torch
 import torch
 
 from flowtuner.errors import ConfigError
-from flowtuner.train.lora import LoRAWeights, kohya_name
+from flowtuner.train.lora import LoRAWeights, kohya_name, natural_key
 from flowtuner.weights import atomic_save_safetensors, open_checkpoint
 
 # suffix -> (part, where): part is down / up / alpha
@@ -26,8 +30,12 @@ SUFFIXES = {
     ".lora_A.default.weight": "down", ".lora_B.default.weight": "up", ".alpha": "alpha",
 }
 PREFIXES = ("transformer.", "diffusion_model.", "model.diffusion_model.")
-UNSUPPORTED_MARKERS = ("hada_w1_a", "lokr_w1", ".diff", ".dora_scale", "oft_blocks", "lora_mid")
-FORMATS = ("kohya", "diffusers", "comfyui")
+UNSUPPORTED_MARKERS = ("hada_w1_a", "lokr_w1", ".diff", ".dora_scale", "lora_magnitude_vector", "oft_blocks", "lora_mid")
+# diffusers' save_lora_weights stores the PEFT LoraConfig as JSON under this metadata key, every field
+# prefixed with the component it belongs to (training_utils._collate_lora_metadata + lora_base._save_lora_weights)
+PEFT_METADATA_KEY = "lora_adapter_metadata"
+PEFT_COMPONENT = "transformer."
+PEFT_DEFAULT_ALPHA = 8  # peft.LoraConfig's lora_alpha when a config leaves it out
 
 
 def _split(key: str) -> tuple[str, str]:
@@ -37,7 +45,7 @@ def _split(key: str) -> tuple[str, str]:
     raise ConfigError(f"unrecognised LoRA key {key!r}")
 
 
-def _path_from_kohya(name: str, module_names: list[str]) -> str:
+def _path_from_kohya(name: str, module_names: list[str], source: str) -> str:
     m = re.fullmatch(r"lora_unet_transformer_blocks_(\d+)_(.+)", name)
     table = {n.replace(".", "_"): n for n in module_names}
     if m and m.group(2) in table:
@@ -45,7 +53,8 @@ def _path_from_kohya(name: str, module_names: list[str]) -> str:
     rest = name.removeprefix("lora_unet_")
     if rest in table:
         return table[rest]
-    raise ConfigError(f"kohya LoRA name {name!r} matches no module of this model family")
+    raise ConfigError(f"{source}: kohya LoRA name {name!r} matches no Linear layer of a Qwen-Image DiT; "
+                      "the LoRA was made for another model.")
 
 
 def parse_lora(tensors: dict[str, torch.Tensor], metadata: dict[str, str], block_modules: list[str],
@@ -62,61 +71,120 @@ def parse_lora(tensors: dict[str, torch.Tensor], metadata: dict[str, str], block
         except ConfigError:
             raise ConfigError(f"{source}: unrecognised LoRA key {key!r}.") from None
         if base.startswith("lora_unet_"):
-            base = _path_from_kohya(base, block_modules + stem_modules)
+            base = _path_from_kohya(base, block_modules + stem_modules, source)
         else:
             for prefix in PREFIXES:
                 if base.startswith(prefix):
                     base = base[len(prefix):]
                     break
         parts.setdefault(base, {})[part] = value
-    peft_alpha = _peft_alpha(metadata)
+    config = _peft_config(metadata, source)
     out = {}
     for path, p in parts.items():
         if "down" not in p or "up" not in p:
             raise ConfigError(f"{source}: {path} has no {'lora_down/A' if 'down' not in p else 'lora_up/B'} weight.")
         rank = p["down"].shape[0]
-        alpha = float(p["alpha"]) if "alpha" in p else (peft_alpha if peft_alpha is not None else rank)
-        out[path] = LoRAWeights(p["down"], p["up"], alpha)
+        alpha = float(p["alpha"]) if "alpha" in p else _peft_alpha(config, path, rank)
+        out[path] = LoRAWeights(p["down"], p["up"], rank if alpha is None else alpha)
     return out
 
 
-def _peft_alpha(metadata: dict[str, str]) -> float | None:
-    """diffusers keeps lora_alpha in the PEFT config stored in the file's metadata."""
-    raw = metadata.get("lora_adapter_metadata")
+def _peft_config(metadata: dict[str, str], source: str) -> dict:
+    """The PEFT LoraConfig a diffusers file carries, without the component prefix; {} when there is none.
+    Files written before diffusers prefixed the fields (and by flowtuner before it followed) are unprefixed."""
+    raw = metadata.get(PEFT_METADATA_KEY)
     if not raw:
+        return {}
+    try:
+        config = json.loads(raw)
+    except json.JSONDecodeError:
+        raise ConfigError(f"{source}: its {PEFT_METADATA_KEY} metadata is not JSON.") from None
+    if not isinstance(config, dict):
+        return {}
+    component = {k[len(PEFT_COMPONENT):]: v for k, v in config.items() if k.startswith(PEFT_COMPONENT)}
+    config = component or config
+    if config.get("use_dora"):
+        raise ConfigError(f"{source}: LoHa / LoKr / DoRA / diff LoRAs are not supported (use_dora in its PEFT config).")
+    return config
+
+
+def _peft_alpha(config: dict, path: str, rank: int) -> float | None:
+    """alpha of one module under a PEFT config (alpha_pattern keys match a path's tail, as in PEFT), expressed
+    for scale = alpha / rank; None without a config (then alpha = rank: the matrices hold the whole delta)."""
+    if not config:
         return None
-    config = json.loads(raw)
-    config = config.get("transformer", config) if isinstance(config, dict) else {}
-    return float(config["lora_alpha"]) if "lora_alpha" in config else None
+    alpha = config.get("lora_alpha", PEFT_DEFAULT_ALPHA)
+    for key, value in (config.get("alpha_pattern") or {}).items():
+        if re.match(rf"(.*\.)?({key})$", path):
+            alpha = value
+            break
+    # rsLoRA scales by alpha / sqrt(rank)
+    return float(alpha) * (math.sqrt(rank) if config.get("use_rslora") else 1.0)
+
+
+def _kohya(weights: dict[str, LoRAWeights], cast) -> tuple[dict, dict]:
+    tensors = {}
+    for path, w in weights.items():
+        name = kohya_name(path)
+        tensors.update({f"{name}.lora_down.weight": cast(w.down), f"{name}.lora_up.weight": cast(w.up),
+                        f"{name}.alpha": torch.tensor(float(w.alpha))})
+    return tensors, {}
+
+
+def _comfyui(weights: dict[str, LoRAWeights], cast) -> tuple[dict, dict]:
+    tensors = {}
+    for path, w in weights.items():
+        name = f"diffusion_model.{path}"
+        tensors.update({f"{name}.lora_A.weight": cast(w.down), f"{name}.lora_B.weight": cast(w.up),
+                        f"{name}.alpha": torch.tensor(float(w.alpha))})
+    return tensors, {}
+
+
+def _diffusers(weights: dict[str, LoRAWeights], cast) -> tuple[dict, dict]:
+    """No alpha tensor in this format: alpha / rank is folded into both matrices, so the file is exact in
+    loaders that ignore the metadata as well; the PEFT config then says lora_alpha = r (scale 1)."""
+    tensors = {}
+    for path, w in weights.items():
+        root = math.sqrt(w.scale)
+        name = f"{PEFT_COMPONENT}{path}"
+        tensors.update({f"{name}.lora_A.weight": cast(w.down * root), f"{name}.lora_B.weight": cast(w.up * root)})
+    return tensors, {"format": "pt", PEFT_METADATA_KEY: json.dumps(peft_config(weights), indent=2, sort_keys=True)}
+
+
+def peft_config(weights: dict[str, LoRAWeights]) -> dict:
+    """The fields of the PEFT LoraConfig that define this adapter, named as diffusers' save_lora_weights names
+    them (`transformer.r`, ...): the most common rank as r, the others in rank_pattern (diffusers'
+    get_peft_kwargs does the same), alpha = rank everywhere because the scale is folded into the weights."""
+    r = Counter(w.rank for w in weights.values()).most_common(1)[0][0]
+    others = {path: w.rank for path, w in weights.items() if w.rank != r}
+    config = {"peft_type": "LORA", "r": r, "lora_alpha": r, "rank_pattern": others, "alpha_pattern": dict(others),
+              "target_modules": sorted(weights, key=natural_key), "bias": "none", "lora_bias": False, "lora_dropout": 0.0,
+              "use_dora": False, "use_rslora": False, "fan_in_fan_out": False, "init_lora_weights": True}
+    return {PEFT_COMPONENT + k: v for k, v in config.items()}
+
+
+WRITERS: dict[str, Callable[[dict[str, LoRAWeights], Callable], tuple[dict, dict]]] = {
+    "kohya": _kohya, "diffusers": _diffusers, "comfyui": _comfyui,
+}
+FORMATS = tuple(WRITERS)
 
 
 def to_tensors(weights: dict[str, LoRAWeights], fmt: str, dtype: torch.dtype | None = None) -> tuple[dict, dict]:
     """{module path: LoRAWeights} -> (tensors, extra metadata) in `fmt`."""
-    cast = (lambda t: t.to(dtype)) if dtype else (lambda t: t)  # noqa: E731
-    tensors, meta = {}, {}
-    for path, w in weights.items():
-        if fmt == "kohya":
-            name = kohya_name(path)
-            tensors.update({f"{name}.lora_down.weight": cast(w.down), f"{name}.lora_up.weight": cast(w.up),
-                            f"{name}.alpha": torch.tensor(float(w.alpha))})
-        elif fmt == "comfyui":
-            name = f"diffusion_model.{path}"
-            tensors.update({f"{name}.lora_A.weight": cast(w.down), f"{name}.lora_B.weight": cast(w.up),
-                            f"{name}.alpha": torch.tensor(float(w.alpha))})
-        elif fmt == "diffusers":
-            # no alpha tensor in this format: alpha / rank is folded into both matrices, so the file is
-            # exact in loaders that ignore the metadata as well
-            root = math.sqrt(w.scale)
-            name = f"transformer.{path}"
-            tensors.update({f"{name}.lora_A.weight": cast(w.down * root), f"{name}.lora_B.weight": cast(w.up * root)})
-        else:
-            raise ConfigError(f"--save_format {fmt}: unknown; choose one of {', '.join(FORMATS)}.")
-    if fmt == "diffusers":
-        ranks = {w.rank for w in weights.values()}
-        rank = ranks.pop() if len(ranks) == 1 else max(ranks)
-        meta["format"] = "pt"
-        meta["lora_adapter_metadata"] = json.dumps({"r": rank, "lora_alpha": rank, "target_modules": sorted(weights)})
-    return tensors, meta
+    if fmt not in WRITERS:
+        raise ConfigError(f"--save_format {fmt}: unknown; choose one of {', '.join(FORMATS)}.")
+    cast = (lambda t: t.to(dtype).contiguous()) if dtype else (lambda t: t.contiguous())  # noqa: E731
+    return WRITERS[fmt](weights, cast)
+
+
+def addnet_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[str, str]:
+    """(sshs_model_hash, sshs_legacy_hash) as kohya's sd-scripts and musubi-tuner store them for
+    sd-webui-additional-networks: sha256 of the tensor data, and the first 8 hex digits of sha256 of the
+    64 KiB at offset 1 MiB, both of the file as it is with only its `ss_` metadata (so that editing the
+    other metadata later does not change the hashes)."""
+    data = memoryview(safetensors.torch.save(tensors, {k: v for k, v in metadata.items() if k.startswith("ss_")}))
+    header = 8 + int.from_bytes(data[:8], "little")
+    return hashlib.sha256(data[header:]).hexdigest(), hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
 
 
 def read_lora_file(path: str | Path, block_modules: list[str], stem_modules: list[str]) -> dict[str, LoRAWeights]:
@@ -129,5 +197,8 @@ def read_lora_file(path: str | Path, block_modules: list[str], stem_modules: lis
 
 def write_lora_file(weights: dict[str, LoRAWeights], path: str | Path, fmt: str = "kohya",
                     metadata: dict[str, str] | None = None, dtype: torch.dtype | None = None) -> None:
+    """Every file gets the additional-networks hashes of exactly the tensors it holds."""
     tensors, extra = to_tensors(weights, fmt, dtype)
-    atomic_save_safetensors(tensors, path, {**(metadata or {}), **extra})
+    meta = {**(metadata or {}), **extra}
+    meta["sshs_model_hash"], meta["sshs_legacy_hash"] = addnet_hashes(tensors, meta)
+    atomic_save_safetensors(tensors, path, meta)

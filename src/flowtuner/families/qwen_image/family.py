@@ -156,10 +156,11 @@ class QwenImageFamily(Family):
     lora_stem_modules = LORA_STEM_MODULES
 
     def lora_default_targets(self, module: torch.nn.Module) -> list[str]:
-        """Every block Linear except the modulation layers (img_mod.1 / txt_mod.1): musubi-tuner means to
-        leave them out too, but its exclusion pattern never matches, so its LoRAs train them."""
+        """Every block Linear, the modulation layers img_mod.1 / txt_mod.1 included: what musubi-tuner's
+        networks.lora_qwen_image trains (its pattern meant to exclude them never matches), so the same flags
+        give the same LoRA (docs/training.md)."""
         n = len(module.transformer_blocks)
-        return [f"transformer_blocks.{i}.{name}" for i in range(n) for name in LORA_BLOCK_MODULES if "_mod." not in name]
+        return [f"transformer_blocks.{i}.{name}" for i in range(n) for name in LORA_BLOCK_MODULES]
 
     def cache_size_estimate(self, bucket: tuple[int, int], caption: str) -> tuple[int, int]:
         latent = LATENT_CHANNELS * (bucket[0] // VAE_FACTOR) * (bucket[1] // VAE_FACTOR) * 2
