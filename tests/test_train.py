@@ -98,16 +98,19 @@ def test_config_file_flags_override_and_patterns(tmp_path, cached, tiny_files):
     w = weights(tmp_path / "o/lora.safetensors")
     down = [v for k, v in w.items() if k.endswith("lora_down.weight")]
     assert {d.shape[0] for d in down} == {5}  # the flag beats the file
-    assert not any("attn" in k for k in w) and len(down) == 2 * 4  # 4 MLP Linears per block, attention excluded
+    assert not any("attn" in k for k in w) and len(down) == 2 * 6  # 4 MLP + 2 modulation Linears per block, attention excluded
     assert float(w[next(k for k in w if k.endswith(".alpha"))]) == 3.0
 
 
 def test_bad_options_are_one_line_errors(tmp_path, cached, tiny_files, capsys):
     for extra, message in ((("--network_module", "lycoris.kohya"), "--network_module lycoris.kohya: unknown"),
-                           (("--discrete_flow_shift", "2.2"), "has no effect with --timestep_sampling qwen_shift"),
+                           (("--network_args", "rank_dropout=0.1"), "--network_args rank_dropout: per-rank dropout is not available"),
+                           (("--lr_scheduler", "adafactor"), "--lr_scheduler adafactor: not available: it is Adafactor's own"),
+                           (("--log_with", "wandb"), "--log_with wandb: wandb is not available"),
+                           (("--fp8_base",), "--fp8_base: fp8 base weights for training are not available yet"),
                            (("--log_with", "tensorboard"), "needs the tensorboard package"),
                            (("--optimizer_type", "NoSuchOpt"), "--optimizer_type NoSuchOpt: unknown")):
-        if extra[0] == "--log_with" and importlib.util.find_spec("tensorboard") is not None:
+        if extra == ("--log_with", "tensorboard") and importlib.util.find_spec("tensorboard") is not None:
             continue  # installed here: nothing to refuse
         rc = train(cached, tiny_files, tmp_path, "--max_train_steps", "1", *extra)
         err = capsys.readouterr().err.strip()
@@ -162,7 +165,7 @@ def test_save_cadence_pruning_continue_and_convert(tmp_path, cached, tiny_files,
     ups = lambda sd: sorted(v.float().sum().item() for k, v in sd.items() if "lora_B" in k or "lora_up" in k)  # noqa: E731
     assert ups(more) == pytest.approx(ups(first), abs=1e-6)
     assert main(["convert-lora", str(out / "lora.safetensors"), str(tmp_path / "k.safetensors"), "--format", "kohya"]) == 0
-    assert "24 modules, kohya layout" in capsys.readouterr().out
+    assert "28 modules, kohya layout" in capsys.readouterr().out
     kohya = load_file(tmp_path / "k.safetensors")
     assert all(k.startswith("lora_unet_transformer_blocks_") for k in kohya)
 
@@ -243,13 +246,16 @@ def test_lr_schedules_and_missing_optional_packages():
     from flowtuner.errors import ConfigError
     from flowtuner.train.optim import make_optimizer, make_schedule
 
+    from flowtuner.train.optim import ScheduleOptions
+
     p = [torch.nn.Parameter(torch.zeros(1))]
-    # 4 steps, 2 of warmup: lr factor at steps 0..3
-    expected = {"constant": [1, 1, 1, 1], "constant_with_warmup": [0.5, 1, 1, 1], "linear": [0.5, 1, 1, 0.5],
-                "cosine": [0.5, 1, 1, 0.5], "cosine_with_min_lr": [0.5, 1, 1, 0.55]}
+    # 4 steps, 2 of warmup: lr factor at steps 0..3 (transformers' warmup starts at 0, as musubi-tuner's runs do;
+    # every schedule is compared with musubi-tuner's get_lr_scheduler in test_musubi_flags.py)
+    expected = {"constant": [1, 1, 1, 1], "constant_with_warmup": [0, 0.5, 1, 1], "linear": [0, 0.5, 1, 0.5],
+                "cosine": [0, 0.5, 1, 0.5], "cosine_with_min_lr": [0, 0.5, 1, 0.55]}
     for name, lrs in expected.items():
         opt = torch.optim.SGD(p, lr=1.0)
-        sched = make_schedule(name, opt, total=4, warmup=0 if name == "constant" else 2, min_ratio=0.1)
+        sched = make_schedule(name, opt, 4, ScheduleOptions(warmup=0 if name == "constant" else 2, min_lr_ratio=0.1))
         got = []
         for _ in range(4):
             got.append(opt.param_groups[0]["lr"])
@@ -257,7 +263,7 @@ def test_lr_schedules_and_missing_optional_packages():
             sched.step()
         assert got == pytest.approx(lrs, abs=1e-6), name
     with pytest.raises(ConfigError, match="use constant_with_warmup"):
-        make_schedule("constant", torch.optim.SGD(p, lr=1.0), 4, 2, 0.0)
+        make_schedule("constant", torch.optim.SGD(p, lr=1.0), 4, ScheduleOptions(warmup=2))
     assert isinstance(make_optimizer("SGD", p, 0.1, {"momentum": 0.9}), torch.optim.SGD)
     assert isinstance(make_optimizer("torch.optim.Adam", p, 0.1, {}), torch.optim.Adam)
     if importlib.util.find_spec("bitsandbytes") is None:
@@ -276,3 +282,73 @@ def test_accelerate_launch_runs_the_trainer(tmp_path, cached, tiny_files):
                            "--output_dir", str(out), "--seed", "1"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (out / "lora.safetensors").exists()
+
+
+def test_loraplus_puts_lora_up_at_ratio_times_the_lr_and_verbose_lists_modules(tmp_path, cached, tiny_files, caplog):
+    """musubi-tuner's LoRA+: lora_up (B) in its own group at lr x ratio. One plain-SGD step from lora_up = 0: the
+    lora_down gradient is zero, so B moves by -lr x ratio x grad and A stays; the ratio shows exactly."""
+    import logging
+
+    caplog.set_level(logging.INFO)
+    sgd = ("--max_train_steps", "1", "--optimizer_type", "SGD", "--learning_rate", "0.1", "--max_grad_norm", "0",
+           "--network_dim", "2")
+    assert train(cached, tiny_files, tmp_path / "plain", *sgd) == 0
+    assert train(cached, tiny_files, tmp_path / "plus", *sgd, "--network_args", "loraplus_lr_ratio=4", "verbose=True") == 0
+    plain, plus = weights(tmp_path / "plain/lora.safetensors"), weights(tmp_path / "plus/lora.safetensors")
+    ups = [k for k in plain if k.endswith("lora_up.weight")]
+    assert ups and any(plain[k].abs().sum() > 0 for k in ups)
+    for k in ups:
+        assert torch.allclose(plus[k], 4 * plain[k], rtol=1e-5, atol=1e-12), k
+    for k in (k for k in plain if k.endswith("lora_down.weight")):
+        assert torch.equal(plus[k], plain[k]), k
+    listed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("LoRA module ")]
+    assert len(listed) == len(ups) and "LoRA module lora_unet_transformer_blocks_0_attn_to_q: rank 2, alpha 1" in listed
+
+
+def test_musubi_samplers_schedules_and_loraplus_resume_bit_identically(tmp_path, cached, tiny_files):
+    """The new pieces keep --resume exact: sigma sampling with a density, cosine_with_restarts, two LoRA+ groups."""
+    args = ("--max_train_steps", "6", "--timestep_sampling", "sigma", "--weighting_scheme", "logit_normal",
+            "--lr_scheduler", "cosine_with_restarts", "--lr_scheduler_num_cycles", "2", "--lr_warmup_steps", "1",
+            "--network_args", "loraplus_lr_ratio=8", "--learning_rate", "1e-3", "--network_dim", "2")
+    assert train(cached, tiny_files, tmp_path / "first", *args, "--save_every_n_steps", "3", "--save_state") == 0
+    state = tmp_path / "first" / "lora-step00000003-state"
+    assert train(cached, tiny_files, tmp_path / "resumed", *args, "--resume", str(state)) == 0
+    # saving a state draws no random numbers, so the first run is the straight one
+    a, b = weights(tmp_path / "first/lora.safetensors"), weights(tmp_path / "resumed/lora.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_show_timesteps_image_and_console(tmp_path, cached, tiny_files, capsys):
+    """musubi-tuner's --show_timesteps values: image writes OUTPUT_DIR/OUTPUT_NAME_timesteps.png, console prints."""
+    assert train(cached, tiny_files, tmp_path, "--show_timesteps", "image", "--timestep_sampling", "sigma") == 0
+    assert Image.open(tmp_path / "lora_timesteps.png").size == (800, 500)
+    capsys.readouterr()
+    assert train(cached, tiny_files, tmp_path, "--show_timesteps", "console", "--timestep_sampling", "uniform") == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 20 and lines[0].startswith("0.00-0.05 ") and all(line.endswith("%") for line in lines)
+    shares = [float(line.rsplit(" ", 1)[1].rstrip("%")) for line in lines]
+    assert sum(shares) == pytest.approx(100, abs=0.1) and max(shares) < 5.5  # uniform: 5 % per bin
+
+
+@pytest.mark.slow
+def test_documented_musubi_commands_train(tmp_path, cached, tiny_files):
+    """The LoRA and fine-tuning commands of musubi-tuner's Qwen-Image document, run as written except: tiny model
+    files and the cached test dataset for the paths, one epoch, and adamw instead of adamw8bit when bitsandbytes
+    is missing."""
+    from tests.test_musubi_flags import documented_commands
+
+    comfy = tiny_files["comfy"] / "models"
+    paths = {"path/to/dit_model": str(comfy / "diffusion_models/qwen_image_tiny.safetensors"),
+             "path/to/vae_model": str(next((comfy / "vae").glob("*.safetensors"))),
+             "path/to/text_encoder": str(next((comfy / "text_encoders").glob("*.safetensors"))),
+             "path/to/toml": str(cached), "path/to/output_dir": str(tmp_path)}
+    runs = [(c, a) for c, a in documented_commands() if c in ("train", "finetune") and "--edit" not in a]
+    assert [c for c, _ in runs] == ["train", "finetune"]
+    for command, argv in runs:
+        argv = [paths.get(t, t) for t in argv]
+        argv[argv.index("--max_train_epochs") + 1] = "1"
+        if importlib.util.find_spec("bitsandbytes") is None and "adamw8bit" in argv:
+            argv[argv.index("adamw8bit")] = "adamw"
+        assert main([command, *argv, "--device", "cpu"]) == 0, command
+        name = argv[argv.index("--output_name") + 1]
+        assert (tmp_path / f"{name}.safetensors").exists()

@@ -4,15 +4,26 @@ from __future__ import annotations
 
 from flowtuner.config.caching import CacheLatentsConfig, CacheTextConfig
 from flowtuner.config.fields import add_arguments, from_namespace
+from flowtuner.config.models import resolve_model_version
+from flowtuner.config.musubi import CACHE_LATENTS, CACHE_TEXT, add_musubi_flags, apply_musubi_flags
 from flowtuner.errors import ConfigError
 
 
 def register(sub) -> None:
-    for name, cls, help_text in (("cache-latents", CacheLatentsConfig, "encode dataset images to latent caches"),
-                                 ("cache-text", CacheTextConfig, "encode dataset captions to text-encoder caches")):
-        parser = sub.add_parser(name, help=help_text, description=help_text + "; only missing or stale caches are computed")
+    for name, cls, table, help_text in (
+            ("cache-latents", CacheLatentsConfig, CACHE_LATENTS, "encode dataset images to latent caches"),
+            ("cache-text", CacheTextConfig, CACHE_TEXT, "encode dataset captions to text-encoder caches")):
+        parser = sub.add_parser(name, help=help_text, description=help_text + "; only missing or stale caches are computed "
+                                "(musubi-tuner's qwen_image_cache_*.py flags)")
         add_arguments(parser, cls)
-        parser.set_defaults(handler=lambda args, cls=cls: run(from_namespace(cls, args)))
+        add_musubi_flags(parser, table)
+        parser.set_defaults(handler=lambda args, cls=cls, table=table: run(configure(args, cls, table)))
+
+
+def configure(args, cls, table):
+    resolve_model_version(args)  # first: an unavailable model is the error that matters most
+    apply_musubi_flags(args, table)
+    return from_namespace(cls, args)
 
 
 def run(cfg) -> int:

@@ -6,6 +6,8 @@ import argparse
 
 from flowtuner.config.fields import add_arguments, from_namespace
 from flowtuner.config.generate import GenerateConfig
+from flowtuner.config.models import resolve_model_version
+from flowtuner.config.musubi import GENERATE, add_musubi_flags, apply_musubi_flags
 from flowtuner.config.sampling import PRESETS
 
 
@@ -18,6 +20,7 @@ def register(sub) -> None:
                     "schedule with true CFG (norm rescale), the same latents as diffusers' QwenImagePipeline.",
         epilog=describe_sampling(), formatter_class=_RawEpilog)
     add_arguments(parser, GenerateConfig)
+    add_musubi_flags(parser, GENERATE)
     parser.set_defaults(handler=lambda args, p=parser: run(args, p))
 
 
@@ -37,10 +40,15 @@ def apply_preset(args, parser):
     return parser.parse_args(args.subcommand_argv)
 
 
+def configure(args) -> GenerateConfig:
+    resolve_model_version(args)  # first: an unavailable model is the error that matters most
+    apply_musubi_flags(args, GENERATE)
+    return from_namespace(GenerateConfig, args)
+
+
 def run(args, parser) -> int:
     from flowtuner.generate import run as generate
 
-    args = apply_preset(args, parser)
-    for path in generate(from_namespace(GenerateConfig, args)):
+    for path in generate(configure(apply_preset(args, parser))):
         print(path)
     return 0

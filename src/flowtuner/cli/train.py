@@ -8,6 +8,8 @@ import difflib
 from pathlib import Path
 
 from flowtuner.config.fields import add_arguments, from_namespace
+from flowtuner.config.models import resolve_model_version
+from flowtuner.config.musubi import TRAIN, add_musubi_flags, apply_musubi_flags
 from flowtuner.config.train import TrainConfig
 from flowtuner.errors import ConfigError
 
@@ -17,12 +19,17 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 
+# per-command defaults that differ from the dataclass's: full fine-tuning takes musubi-tuner's learning rate
+COMMAND_DEFAULTS = {"train": {}, "finetune": {"learning_rate": 2e-6}}
+
+
 def register(sub) -> None:
     for name, full, text in (("train", False, "train a LoRA on cached datasets"),
                              ("finetune", True, "fine-tune all DiT weights on cached datasets")):
         parser = sub.add_parser(name, help=text, description=text + " (musubi-tuner's flags; --config_file TOML too)")
         add_arguments(parser, TrainConfig)
-        parser.set_defaults(handler=lambda args, p=parser, f=full: run(args, p, f))
+        add_musubi_flags(parser, TRAIN)
+        parser.set_defaults(handler=lambda args, p=parser, f=full: run(args, p, f), **COMMAND_DEFAULTS[name])
     conv = sub.add_parser("convert-lora", help="convert a LoRA between the kohya, diffusers and comfyui layouts")
     conv.add_argument("input", help="LoRA file in any supported layout")
     conv.add_argument("output", help="file to write")
@@ -44,7 +51,7 @@ def config_file_values(path: str) -> dict:
     flat: dict = {}
     for key, value in raw.items():
         flat.update(value if isinstance(value, dict) else {key: value})
-    names = [f.name for f in dataclasses.fields(TrainConfig)]
+    names = [f.name for f in dataclasses.fields(TrainConfig)] + list(TRAIN)
     out = {}
     for key, value in flat.items():
         key = key.replace("-", "_")
@@ -55,18 +62,50 @@ def config_file_values(path: str) -> dict:
     return out
 
 
+REFUSED_VALUES = {("log_with", "wandb"): "wandb is not available; use --log_with tensorboard",
+                  ("log_with", "all"): "only tensorboard is available; use --log_with tensorboard"}
+
+
+def configure(args: argparse.Namespace) -> TrainConfig:
+    resolve_model_version(args)  # first: an unavailable model is the error that matters most
+    apply_musubi_flags(args, TRAIN)
+    cfg = from_namespace(TrainConfig, args)
+    for (name, value), why in REFUSED_VALUES.items():
+        if getattr(cfg, name) == value:
+            raise ConfigError(f"--{name} {value}: {why}.")
+    return cfg
+
+
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser, full: bool) -> int:
     if args.config_file:  # file values become the defaults, so every flag given on the command line wins
         parser.set_defaults(**config_file_values(args.config_file))
         args = parser.parse_args(args.subcommand_argv)
-    cfg = from_namespace(TrainConfig, args)
+    cfg = configure(args)
     from flowtuner.train.loop import Trainer
 
     trainer = Trainer(cfg, full=full)
     if cfg.show_timesteps:
-        print(trainer.show_timesteps(cfg.show_timesteps))
-        return 0
+        return show_timesteps(trainer, cfg)
     return trainer.run()
+
+
+def show_timesteps(trainer, cfg: TrainConfig) -> int:
+    """musubi-tuner's `image` / `console` values, or a PNG path."""
+    if cfg.show_timesteps == "console":
+        print(text_histogram(trainer.timestep_draws()[0]))
+        return 0
+    path = Path(cfg.output_dir) / f"{cfg.output_name}_timesteps.png" if cfg.show_timesteps == "image" else cfg.show_timesteps
+    print(trainer.show_timesteps(str(path)))
+    return 0
+
+
+def text_histogram(sigmas, bins: int = 20, width: int = 50) -> str:
+    import torch
+
+    counts = torch.histc(sigmas, bins, 0, 1)
+    top = float(counts.max()) or 1.0
+    return "\n".join(f"{k / bins:.2f}-{(k + 1) / bins:.2f} {'#' * round(float(c) / top * width):<{width}} {float(c) / len(sigmas):6.2%}"
+                     for k, c in enumerate(counts))
 
 
 def convert(args) -> int:

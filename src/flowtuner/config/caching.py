@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass
 
 from flowtuner.config.fields import opt
+from flowtuner.config.models import ModelVersion
 
 DEFAULT_WORKERS = max(1, (os.cpu_count() or 2) - 1)
 
@@ -27,12 +28,12 @@ class CacheCommon:
 
 
 @dataclass
-class CacheLatentsConfig(CacheCommon, ModelSlots):
+class CacheLatentsConfig(ModelVersion, CacheCommon, ModelSlots):
     vae: str | None = opt(help="VAE weights (diffusers or Wan-2.1 layout)")
 
 
 @dataclass
-class CacheTextConfig(CacheCommon, ModelSlots):
+class CacheTextConfig(ModelVersion, CacheCommon, ModelSlots):
     text_encoder: str | None = opt(help="Qwen2.5-VL weights")
     tokenizer: str | None = opt(help="tokenizer folder (default: searched, see generate --help)")
     fp8_vl: bool = opt(False, "fp8 text encoder weights (not available yet: arrives with the memory work)")

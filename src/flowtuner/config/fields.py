@@ -11,10 +11,11 @@ from typing import Any
 
 
 def opt(default: Any = None, help: str = "", *, aliases: tuple[str, ...] = (), choices=None, metavar=None,
-        nargs=None, required: bool = False, repeatable: bool = False) -> Any:
-    """A config field with CLI metadata. `repeatable`: a list flag that may be given several times."""
+        nargs=None, required: bool = False, repeatable: bool = False, type=None) -> Any:
+    """A config field with CLI metadata. `repeatable`: a list flag that may be given several times; `type`: a
+    parser for the flag's text when the annotation's type is not enough (e.g. musubi-tuner's "int, float or N%")."""
     meta = {"help": help, "aliases": aliases, "choices": choices, "metavar": metavar, "nargs": nargs, "required": required,
-            "repeatable": repeatable}
+            "repeatable": repeatable, "type": type}
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda: list(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -40,6 +41,11 @@ def flag_names(name: str, aliases: tuple[str, ...] = ()) -> list[str]:
     return names
 
 
+def escape_help(text: str) -> str:
+    """argparse %-formats help strings: a bare % ("~30% slower") would print the action's whole dict."""
+    return text.replace("%", "%%").replace("%%(default)", "%(default)")
+
+
 def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -48,11 +54,11 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, .
         meta = f.metadata
         tp, is_list = _base_type(hints[f.name])
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        kwargs: dict[str, Any] = {"dest": f.name, "help": meta.get("help", ""), "default": default}
+        kwargs: dict[str, Any] = {"dest": f.name, "help": escape_help(meta.get("help", "")), "default": default}
         if tp is bool:
             kwargs["action"] = argparse.BooleanOptionalAction if default else "store_true"
         else:
-            kwargs["type"] = tp
+            kwargs["type"] = meta.get("type") or tp
             kwargs["nargs"] = meta.get("nargs") or ("+" if is_list else None)
             kwargs["choices"] = meta.get("choices")
             kwargs["metavar"] = meta.get("metavar")

@@ -5,12 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from flowtuner.config.fields import opt
-from flowtuner.config.models import ModelFiles
+from flowtuner.config.models import ModelFiles, ModelVersion
 from flowtuner.config.sampling import PRESETS, SamplingConfig
 
 
 @dataclass(kw_only=True)
-class GenerateConfig(SamplingConfig, ModelFiles):
+class GenerateConfig(SamplingConfig, ModelVersion, ModelFiles):
     preset: str | None = opt(help="a bundle of sampling settings; explicit flags win: "
                                   + "; ".join(f"{k}: {', '.join(f'{n}={v:g}' if isinstance(v, float) else f'{n}={v}' for n, v in p.items())}"
                                               for k, p in PRESETS.items()), choices=tuple(PRESETS))
@@ -25,7 +25,7 @@ class GenerateConfig(SamplingConfig, ModelFiles):
     strength: float | None = opt(help="with --image: how much to change, in (0, 1]: the run starts int(N - N strength) steps "
                                       "into the N-step schedule, as diffusers (default 0.6)")
     mask: str | None = opt(help="with --image: inpainting mask, white = change, black = keep (binarised at 0.5; soft "
-                                "with --guidance differential_diffusion)")
+                                "with --guidance differential_diffusion)", aliases=("mask_path",))
     seed: int | None = opt(help="random seed (default: random); image i of --num_images uses seed + i")
     save_path: str = opt("outputs", "output folder")
     output_type: str = opt("images", "what to save", choices=("images", "latent", "latent_images"))

@@ -26,11 +26,11 @@ from flowtuner.errors import ConfigError, FlowtunerError
 from flowtuner.families import get_family
 from flowtuner.families.base import Conditioning, Denoiser, LatentGeometry
 from flowtuner.flow.convention import noisy, velocity_target
-from flowtuner.flow.timesteps import TimestepOptions, check_options, sample_sigmas
+from flowtuner.flow.timesteps import check_options, loss_weighting, sample_sigmas
 from flowtuner.flow.weighting import WEIGHTINGS
 from flowtuner.generate import pick_device, release_cache
 from flowtuner.train import checkpoints, previews
-from flowtuner.train.lora import LoRANetwork, select_modules
+from flowtuner.train.lora import LoRANetwork, kohya_name, select_modules
 from flowtuner.train.optim import make_optimizer, make_schedule, parse_kv
 from flowtuner.train.state import capture_rng, load_state, restore_rng
 
@@ -92,10 +92,11 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, full: bool = False):
         self.cfg, self.full = cfg, full
         self.family = get_family("qwen_image")
-        self.opts = TimestepOptions(cfg.sigmoid_scale, cfg.discrete_flow_shift, cfg.logit_mean, cfg.logit_std,
-                                    cfg.min_timestep, cfg.max_timestep, cfg.preserve_distribution_shape)
+        self.opts = cfg.timestep_options()
         check_options(cfg.timestep_sampling, self.opts)
+        self.weighting = loss_weighting(cfg.timestep_sampling, cfg.weighting_scheme)  # `sigma` samples from density schemes
         self.weight_opts = {"logit_mean": cfg.logit_mean or 0.0, "logit_std": cfg.logit_std or 1.0, "mode_scale": cfg.mode_scale}
+        self.net_opts = None if full else cfg.network_options()  # --network_args errors before any model loads
         if not full and cfg.network_module not in NETWORK_ALIASES:
             raise ConfigError(f"--network_module {cfg.network_module}: unknown; use lora (networks.lora_qwen_image is accepted).")
         self.seed = cfg.seed if cfg.seed is not None else random.randrange(2**31)
@@ -105,19 +106,23 @@ class Trainer:
         if self.resumed is not None:
             self.seed = self.resumed["seed"]  # the data order depends on it
 
-    def show_timesteps(self, path: str) -> Path:
-        """A histogram of 100k training sigmas (at the first dataset's resolution, else 1024x1024) with
-        the loss weighting drawn over it (scaled to the same height)."""
-        from flowtuner.plots import histogram
-
+    def timestep_draws(self) -> tuple[torch.Tensor, tuple[int, int], int]:
+        """100k training sigmas at the first dataset's resolution (else 1024x1024), the resolution, its tokens."""
         res = load_dataset_config(self.cfg.dataset_config)[0].resolution if self.cfg.dataset_config else (1024, 1024)
         tokens = (res[0] // self.family.size_step) * (res[1] // self.family.size_step)
         sigmas = sample_sigmas(self.cfg.timestep_sampling, 100_000, torch.Generator().manual_seed(self.seed), self.opts, tokens)
+        return sigmas, res, tokens
+
+    def show_timesteps(self, path: str) -> Path:
+        """A histogram of the timestep draws with the loss weighting drawn over it (scaled to the same height)."""
+        from flowtuner.plots import histogram
+
+        sigmas, res, tokens = self.timestep_draws()
         grid = torch.linspace(0.005, 0.995, 199)
-        weights = WEIGHTINGS[self.cfg.weighting_scheme](grid, self.weight_opts)
+        weights = WEIGHTINGS[self.weighting](grid, self.weight_opts)
         hist = torch.histc(sigmas, 50, 0, 1) / len(sigmas) * 50
         overlay = (grid.tolist(), (weights / weights.max() * hist.max()).tolist())
-        title = f"{self.cfg.timestep_sampling} at {res[0]}x{res[1]} ({tokens} tokens); red: {self.cfg.weighting_scheme} weighting"
+        title = f"{self.cfg.timestep_sampling} at {res[0]}x{res[1]} ({tokens} tokens); red: {self.weighting} weighting"
         return histogram(sigmas.tolist(), path, title, overlay=overlay, xlabel="sigma")
 
     # ---------------------------------------------------------------- setup
@@ -143,20 +148,26 @@ class Trainer:
             return None
         if self.cfg.full_bf16 or self.cfg.fused_backward_pass:
             raise ConfigError("--full_bf16 and --fused_backward_pass are for `flowtuner finetune`, not LoRA training.")
+        net = self.net_opts
         args = parse_kv(self.cfg.network_args, "--network_args")
-        unknown = set(args) - {"include_patterns", "exclude_patterns"}
-        if unknown:
-            raise ConfigError(f"--network_args: unknown key {sorted(unknown)[0]!r}; valid: include_patterns, exclude_patterns.")
         model = denoiser.module
-        paths = select_modules(model, self.family.lora_default_targets(model), list(args.get("include_patterns", [])),
-                               list(args.get("exclude_patterns", [])))
-        network = LoRANetwork(model, paths, self.cfg.network_dim, self.cfg.network_alpha, self.cfg.network_dropout)
-        if self.cfg.network_weights:
+        paths = select_modules(model, self.family.lora_default_targets(model), net.include_patterns, net.exclude_patterns)
+        if self.cfg.network_weights:  # the file decides the modules, ranks and alphas
             from flowtuner.train.lora_formats import read_lora_file
 
             weights = read_lora_file(self.cfg.network_weights, list(self.family.lora_block_modules),
                                      list(self.family.lora_stem_modules))
-            network.load_weights(weights, self.cfg.network_weights)
+            patterned = "include_patterns" in args or "exclude_patterns" in args
+            network = LoRANetwork.from_weights(model, weights, f"--network_weights {self.cfg.network_weights}",
+                                               self.cfg.network_dropout, paths if patterned else None)
+            log.info("continuing %s: %d modules, rank %d / alpha %g (most common)", self.cfg.network_weights,
+                     len(network.paths), *network.common_shape())
+        else:
+            network = LoRANetwork(model, paths, self.cfg.network_dim, self.cfg.network_alpha, self.cfg.network_dropout)
+        if net.verbose:  # --network_args verbose=True: the targeted modules, as musubi-tuner lists them
+            for path in network.paths:
+                log.info("LoRA module %s: rank %d, alpha %g", kohya_name(path), network.module_of(path).rank,
+                         network.module_of(path).alpha)
         return network.to(next(model.parameters()).device).attach()
 
     # ---------------------------------------------------------------- one step
@@ -170,7 +181,7 @@ class Trainer:
         mask = batch["mask"].to(device)
         v = module(x_t, sigma_d, batch["embeds"].to(device), None if bool(mask.all()) else mask, geometry)
         per_sample = ((v.float() - velocity_target(x0, noise)) ** 2).flatten(1).mean(1)
-        weights = WEIGHTINGS[self.cfg.weighting_scheme](sigma_d, self.weight_opts)
+        weights = WEIGHTINGS[self.weighting](sigma_d, self.weight_opts)
         return (weights * per_sample).mean(), sigma
 
     # ---------------------------------------------------------------- run
@@ -207,8 +218,10 @@ class Trainer:
         network = self._network(denoiser)
         module = TrainModule(denoiser, network)
         params = [p for p in module.parameters() if p.requires_grad]
-        optimizer = make_optimizer(cfg.optimizer_type, params, cfg.learning_rate, parse_kv(cfg.optimizer_args, "--optimizer_args"))
-        schedule = make_schedule(cfg.lr_scheduler, optimizer, total, cfg.lr_warmup_steps, cfg.lr_scheduler_min_lr_ratio)
+        ratio = network is not None and self.net_opts.loraplus_lr_ratio
+        groups = network.loraplus_groups(cfg.learning_rate, ratio) if ratio else params  # LoRA+: lora_up at lr x ratio
+        optimizer = make_optimizer(cfg.optimizer_type, groups, cfg.learning_rate, parse_kv(cfg.optimizer_args, "--optimizer_args"))
+        schedule = make_schedule(cfg.lr_scheduler, optimizer, total, cfg.schedule_options())
         fused = self._fused(optimizer, params)
         module, optimizer = accelerator.prepare(module, optimizer)
         gen = torch.Generator().manual_seed(self.seed)
