@@ -19,7 +19,7 @@ from tests.reference import reference_pipeline, reference_run
 from tests.test_generate_parity import PROMPT, run_cli
 
 FAMILY = QwenImageFamily()
-TABLES = (list(FAMILY.lora_block_modules), list(FAMILY.lora_stem_modules))
+TABLES = FAMILY.lora_names()
 STEMS = ["img_in", "txt_in", "proj_out", "norm_out.linear", "time_text_embed.timestep_embedder.linear_1"]
 
 
@@ -160,7 +160,7 @@ def test_other_layouts_parse(tiny_models):
     assert old[path].scale == 1.0
     with pytest.raises(ConfigError, match="LoHa / LoKr"):
         parse_lora({"lora_unet_transformer_blocks_0_attn_to_q.hada_w1_a": down}, {}, *TABLES, "x.safetensors")
-    with pytest.raises(ConfigError, match="matches no Linear layer of a Qwen-Image DiT"):
+    with pytest.raises(ConfigError, match="matches no LoRA-able layer of this model"):
         parse_lora({"lora_unet_transformer_blocks_0_attn_to_zz.lora_down.weight": down,
                     "lora_unet_transformer_blocks_0_attn_to_zz.lora_up.weight": up}, {}, *TABLES, "x")
 

@@ -17,11 +17,12 @@ from flowtuner.config.generate import GenerateConfig
 from flowtuner.config.prompt_lines import read_prompt_file
 from flowtuner.config.sampling import sampling_fields
 from flowtuner.errors import ConfigError
-from flowtuner.families import get_family
+from flowtuner.families import family_for
 from flowtuner.families.base import Conditioning, Family, ModelPaths
 from flowtuner.init_images import encode_init_images, init_key, needs_codec, read_image_size
 from flowtuner.outputs import save_latent, save_png
-from flowtuner.sampling import InitImage, Job, check_sampling, check_size, sample_job, step_count
+from flowtuner.guidance import runs_uncond
+from flowtuner.sampling import InitImage, Job, check_sampling, check_size, prompts_of, sample_job, step_count
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ def make_jobs(cfg: GenerateConfig, size_step: int) -> list[Job]:
         job = Job(prompt=prompt, num_images=cfg.num_images, **settings)
         check_size(job.height, job.width, size_step, "--image_size" if "height" not in overrides else "--h/--w")
         check_sampling(job)
-        if job.guidance_scale > 1 and job.negative_prompt is None:
+        if runs_uncond(job.guidance_scale) and job.negative_prompt is None:
             job.negative_prompt = " "  # musubi-tuner crashes without one; the reference uses " "
         jobs.append(job)
     return jobs
@@ -82,8 +83,7 @@ def release_cache() -> None:
 
 def encode_prompts(family: Family, paths: ModelPaths, jobs: list[Job], device: torch.device) -> dict[str, Conditioning]:
     """Every distinct prompt and negative prompt, encoded once."""
-    texts = [j.prompt for j in jobs] + [j.negative_prompt for j in jobs if j.guidance_scale > 1]
-    texts = list(dict.fromkeys(texts))
+    texts = prompts_of(jobs)
     encoder = family.load_text_encoder(paths, device)
     conds = {}
     for i in tqdm(range(0, len(texts), 8), desc="encoding prompts", unit="batch", disable=len(texts) <= 8):
@@ -108,7 +108,7 @@ def load_denoiser_with_loras(family: Family, paths: ModelPaths, device, attn_mod
 
     denoiser = family.load_denoiser(paths, device, attn_mode)
     for file, multiplier in loras:
-        weights = read_lora_file(file, list(family.lora_block_modules), list(family.lora_stem_modules))
+        weights = read_lora_file(file, *family.lora_names())
         merge_into(denoiser.module, weights, multiplier, source=f"--lora_weight {file}")
         log.info("merged LoRA %s (x%s, %d modules)", file, multiplier, len(weights))
     return denoiser
@@ -139,13 +139,13 @@ def sample_all(family: Family, paths: ModelPaths, jobs: list[Job], conds: dict[s
 
 
 def params_of(job: Job, seed: int, paths: ModelPaths) -> dict:
-    params = {k: v for k, v in asdict(job).items() if k not in ("num_images",)}
+    params = {k: v for k, v in asdict(job).items() if k != "num_images" and not k.startswith("_")}
     params.update(seed=seed, version=__version__, model=Path(paths.dit).name if paths.dit else "")
     return params
 
 
-def run(cfg: GenerateConfig, family_name: str = "qwen_image") -> list[Path]:
-    family = get_family(family_name)
+def run(cfg: GenerateConfig, family: Family | None = None) -> list[Path]:
+    family = family or family_for(cfg)
     paths = family.resolve_paths(dit=cfg.dit, vae=cfg.vae, text_encoder=cfg.text_encoder, tokenizer=cfg.tokenizer,
                                  model=cfg.model, comfyui_dir=cfg.comfyui_dir)
     if cfg.save_merged_model:

@@ -10,7 +10,7 @@ from PIL import Image, UnidentifiedImageError
 
 from flowtuner.errors import ConfigError
 from flowtuner.families.base import ImageCodec
-from flowtuner.guidance.methods import METHODS, parse_guidance
+from flowtuner.guidance.methods import METHODS
 from flowtuner.sampling import InitImage, Job
 
 
@@ -41,7 +41,7 @@ def _pixels(path: str, mode: str, height: int, width: int) -> torch.Tensor:
 
 
 def soft_mask(job: Job) -> bool:
-    return any(METHODS[name].stage == "mask" for name, _ in (parse_guidance(t) for t in job.guidance or ()))
+    return any(METHODS[name].stage == "mask" for name, _ in job.guidance_methods())
 
 
 def latent_mask(path: str, height: int, width: int, latents: torch.Tensor, soft: bool) -> torch.Tensor:

@@ -5,7 +5,7 @@ denoiser and its defaults)."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
@@ -15,7 +15,7 @@ from flowtuner.errors import ConfigError
 from flowtuner.families.base import Conditioning, Denoiser, Family
 from flowtuner.flow.model_sampling import SigmaTable
 from flowtuner.flow.samplers import SAMPLERS
-from flowtuner.guidance import guided_model
+from flowtuner.guidance import guided_model, runs_uncond
 from flowtuner.guidance.methods import LAYOUT_DIFFERS, LAYOUTS, METHODS, parse_guidance
 from flowtuner.guidance.masks import masked_model
 
@@ -38,6 +38,13 @@ class Job(SamplingConfig):
     image: str | None = None  # img2img / inpainting source
     mask: str | None = None  # white = change
     strength: float | None = None  # None: diffusers' default, 0.6
+    _methods: list | None = field(default=None, init=False, repr=False, compare=False)
+
+    def guidance_methods(self) -> list[tuple[str, dict]]:
+        """--guidance parsed (and validated) once per job: (name, params) in the order given."""
+        if self._methods is None:
+            self._methods = [parse_guidance(t) for t in self.guidance or ()]
+        return self._methods
 
 
 def check_size(height: int, width: int, step: int, flag: str = "--image_size") -> None:
@@ -89,7 +96,7 @@ def check_sampling(job: Job) -> None:
     check_schedule(job)
     if job.steps < 1:
         raise ConfigError(f"steps must be >= 1, got {job.steps}.")
-    methods = [parse_guidance(t) for t in job.guidance or ()]
+    methods = job.guidance_methods()
     if job.strength is not None and not 0 < job.strength <= 1:
         raise ConfigError(f"--strength {job.strength}: must be in (0, 1].")
     if job.strength is not None and not job.image:
@@ -125,9 +132,8 @@ def comfy_table(family: Family, cfg: ScheduleConfig, height: int, width: int):
         return aura_flow(cfg.shift if cfg.shift is not None else NODE_SHIFT[kind])
     if cfg.mu is not None:
         return flux(cfg.mu)
-    base = 0.5 if cfg.base_shift is None else cfg.base_shift
-    top = 1.15 if cfg.max_shift is None else cfg.max_shift
-    return flux(flux_mu(height, width, base, top))
+    given = {"base_shift": cfg.base_shift, "max_shift": cfg.max_shift}  # the others: ModelSamplingFlux's defaults
+    return flux(flux_mu(height, width, **{k: v for k, v in given.items() if v is not None}))
 
 
 class Schedule(NamedTuple):
@@ -174,6 +180,12 @@ def step_count(family: Family, job: Job, image_tokens: int) -> int:
     return len(job_sigmas(family, job, image_tokens).sigmas) - 1
 
 
+def prompts_of(jobs: list[Job]) -> list[str]:
+    """Every distinct text the jobs encode: prompts, and negative prompts where guidance runs the unconditional pass."""
+    texts = [j.prompt for j in jobs] + [j.negative_prompt for j in jobs if runs_uncond(j.guidance_scale)]
+    return list(dict.fromkeys(texts))
+
+
 @dataclass
 class InitImage:
     """img2img source latents (the VAE's layout) and the inpainting mask (1 = change) broadcast to them."""
@@ -183,7 +195,7 @@ class InitImage:
 
 
 def mask_function(job: Job, mask: torch.Tensor, sigmas: torch.Tensor, floor: float) -> Callable[[float], torch.Tensor]:
-    methods = [(n, p) for n, p in (parse_guidance(t) for t in job.guidance or ()) if METHODS[n].stage == "mask"]
+    methods = [(n, p) for n, p in job.guidance_methods() if METHODS[n].stage == "mask"]
     if not methods:
         binary = (mask >= 0.5).to(torch.float32)  # diffusers binarises the mask at 0.5
         return lambda sigma: binary
@@ -198,8 +210,8 @@ def sample_job(denoiser: Denoiser, family: Family, job: Job, conds: dict[str, Co
                init: InitImage | None = None) -> list[tuple[Job, int, torch.Tensor]]:
     geometry = denoiser.geometry(job.height, job.width)
     sigmas, floor, sampling = job_sigmas(family, job, geometry.image_tokens)
-    uncond = conds.get(job.negative_prompt) if job.guidance_scale > 1 else None
-    hooks = [m for m in (parse_guidance(t) for t in job.guidance or ()) if METHODS[m[0]].stage != "mask"]
+    uncond = conds.get(job.negative_prompt) if runs_uncond(job.guidance_scale) else None
+    hooks = [m for m in job.guidance_methods() if METHODS[m[0]].stage != "mask"]
     model = guided_model(lambda x, s, c: denoiser.predict(x, s, c, geometry), conds[job.prompt], uncond,
                          job.guidance_scale, denoiser.feature_dim, cfg=job.cfg_mode, methods=hooks,
                          grid=denoiser.grid(geometry), perturb=denoiser.perturbed_attention, layout=job.guidance_layout)

@@ -29,11 +29,11 @@ def configure(args, cls, table):
 def run(cfg) -> int:
     from flowtuner.data.caching import cache_latents, cache_text
     from flowtuner.data.config import load_dataset_config
-    from flowtuner.families import get_family
+    from flowtuner.families import family_for
     from flowtuner.generate import pick_device
 
     datasets = load_dataset_config(cfg.dataset_config, {"batch_size": cfg.batch_size})
-    family = get_family("qwen_image")
+    family = family_for(cfg)
     if isinstance(cfg, CacheLatentsConfig):
         paths = family.resolve_paths(vae=cfg.vae, model=cfg.model, comfyui_dir=cfg.comfyui_dir)
         summary = cache_latents(datasets, family, paths, pick_device(cfg.device), cfg.batch_size, cfg.num_workers,

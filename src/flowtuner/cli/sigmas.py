@@ -6,6 +6,7 @@ import dataclasses
 import json
 
 from flowtuner.config.fields import add_arguments
+from flowtuner.config.models import ModelVersion
 from flowtuner.config.sampling import ScheduleConfig
 
 
@@ -15,6 +16,7 @@ def register(sub) -> None:
                                    "`reference` (Qwen-Image's diffusers schedule), with generate's schedule flags; "
                                    "each flag applies to the schedulers it fits.")
     add_arguments(p, ScheduleConfig, skip=("scheduler",))
+    add_arguments(p, ModelVersion)
     p.add_argument("--scheduler", nargs="+", default=["reference"],
                    help="one or more of: reference, simple, normal, sgm_uniform, beta, karras, exponential, kl_optimal, linear_quadratic")
     p.add_argument("--steps", type=int, default=25, help="sampling steps (default: 25)")
@@ -25,10 +27,10 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from flowtuner.families import get_family
+    from flowtuner.families import family_for
     from flowtuner.sampling import check_schedule, comfy_table, schedule
 
-    family = get_family("qwen_image")
+    family = family_for(args)
     height, width = args.image_size
     tokens = (height // family.size_step) * (width // family.size_step)
     base = ScheduleConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ScheduleConfig) if f.name != "scheduler"})

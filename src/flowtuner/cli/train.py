@@ -8,7 +8,7 @@ import difflib
 from pathlib import Path
 
 from flowtuner.config.fields import add_arguments, from_namespace
-from flowtuner.config.models import resolve_model_version
+from flowtuner.config.models import ModelVersion, resolve_model_version
 from flowtuner.config.musubi import TRAIN, add_musubi_flags, apply_musubi_flags
 from flowtuner.config.train import TrainConfig
 from flowtuner.errors import ConfigError
@@ -34,6 +34,7 @@ def register(sub) -> None:
     conv.add_argument("input", help="LoRA file in any supported layout")
     conv.add_argument("output", help="file to write")
     conv.add_argument("--format", required=True, choices=("kohya", "diffusers", "comfyui"), help="layout of the output")
+    add_arguments(conv, ModelVersion)  # the family names the LoRA's modules
     conv.set_defaults(handler=convert)
 
 
@@ -109,12 +110,12 @@ def text_histogram(sigmas, bins: int = 20, width: int = 50) -> str:
 
 
 def convert(args) -> int:
-    from flowtuner.families import get_family
+    from flowtuner.families import family_for
     from flowtuner.train.lora_formats import read_lora_file, write_lora_file
     from flowtuner.weights import open_checkpoint
 
-    family = get_family("qwen_image")
-    weights = read_lora_file(args.input, list(family.lora_block_modules), list(family.lora_stem_modules))
+    family = family_for(args)  # resolves --model_version
+    weights = read_lora_file(args.input, *family.lora_names())
     meta = {k: v for k, v in open_checkpoint(args.input).metadata.items() if k.startswith(("ss_", "modelspec."))}
     write_lora_file(weights, args.output, args.format, meta)
     print(f"{args.output}: {len(weights)} modules, {args.format} layout")

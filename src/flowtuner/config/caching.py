@@ -40,7 +40,7 @@ class CacheTextConfig(ModelVersion, CacheCommon, ModelSlots):
 
 
 @dataclass
-class DatasetCheckConfig:
+class DatasetCheckConfig(ModelVersion):
     dataset_config: str = opt(None, "dataset config (musubi-tuner TOML or JSON)", required=True)
     preview: str | None = opt(help="write contact sheets of the bucketed, cropped images to this folder")
     num_workers: int = opt(DEFAULT_WORKERS, "image reading threads")

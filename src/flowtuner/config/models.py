@@ -48,7 +48,9 @@ def resolve_model_version(cfg) -> str:
     if version not in MODEL_VERSIONS:
         raise ConfigError(f"--model_version {cfg.model_version}: unknown; choose one of {', '.join(MODEL_VERSIONS)}.")
     cfg.model_version = version
-    if version != "original":
+    from flowtuner.families import VERSIONS  # the family registry decides what runs
+
+    if version not in VERSIONS:
         why = " (the Qwen-Image-Edit family is not supported by flowtuner so far)" if version.startswith("edit") else ""
         raise ConfigError(f"{source}: {MODEL_VERSIONS[version]} is not available yet{why}; run without it for Qwen-Image "
                           "(--model_version original, also right for Qwen-Image-2512).")

@@ -39,8 +39,9 @@ class TrainConfig(ModelVersion, ModelFiles):
     max_data_loader_n_workers: int = opt(2, "cache reader threads")
     device: str | None = opt(help="device (default: cuda when available; accelerate launch decides otherwise)")
     # objective
-    timestep_sampling: str = opt("qwen_shift", "sigma sampler (docs/training.md has each formula; musubi-tuner's default is sigma)",
-                                 choices=tuple(SAMPLERS))
+    timestep_sampling: str | None = opt(help="sigma sampler (default: the model family's: qwen_shift for Qwen-Image; "
+                                             "docs/training.md has each formula; musubi-tuner's default is sigma)",
+                                        choices=tuple(SAMPLERS))
     sigmoid_scale: float | None = opt(help="scale of the normal inside sigmoid-based samplers (default 1.0)")
     discrete_flow_shift: float | None = opt(help="shift of --timestep_sampling shift (default 1.0)")
     logit_mean: float | None = opt(help="mean for logsnr / logit_normal sampling and weighting (default 0.0)")

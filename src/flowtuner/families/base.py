@@ -120,6 +120,26 @@ class Family(ABC):
     #: LoRA-able Linear paths inside one block, and outside the blocks (tables for LoRA key names)
     lora_block_modules: tuple[str, ...]
     lora_stem_modules: tuple[str, ...]
+    #: the ModuleList holding the blocks: kohya names flatten `<lora_blocks>.<i>.<block module>`
+    lora_blocks: str
+    #: musubi-tuner's --network_module for this family: accepted, and written as ss_network_module
+    network_module: str
+    #: --timestep_sampling when the flag is not given
+    default_timestep_sampling: str
+    #: the modelspec block of trained files
+    modelspec_architecture: str
+    modelspec_implementation: str
+    modelspec_resolution: str
+
+    def batch_conditioning(self, batch: dict, device: torch.device) -> Conditioning:
+        """A cache loader batch -> the Conditioning `predict` takes. An all-valid mask is dropped (the
+        model then runs unmasked attention, as at inference for prompts of one length)."""
+        mask = batch["mask"].to(device)
+        return Conditioning(batch["embeds"].to(device), None if bool(mask.all()) else mask)
+
+    def lora_names(self) -> tuple[list[str], list[str], str]:
+        """(block modules, stem modules, blocks path): the tables a LoRA file's keys are read with."""
+        return list(self.lora_block_modules), list(self.lora_stem_modules), self.lora_blocks
 
     @abstractmethod
     def lora_default_targets(self, module: torch.nn.Module) -> list[str]:

@@ -17,11 +17,13 @@ from functools import cached_property
 
 import torch
 
+from flowtuner.flow.schedules import dynamic_mu, sd3_shift
+
 
 def time_snr_shift(shift: float, t: torch.Tensor) -> torch.Tensor:
     if shift == 1.0:
         return t
-    return shift * t / (1 + (shift - 1) * t)
+    return sd3_shift(t, shift)
 
 
 class SigmaTable:
@@ -80,5 +82,4 @@ def flux(mu: float) -> FlowSampling:
 def flux_mu(height: int, width: int, base_shift: float = 0.5, max_shift: float = 1.15) -> float:
     """ComfyUI's ModelSamplingFlux: mu linear in the number of 16x16-pixel tokens, base_shift at 256
     tokens, max_shift at 4096."""
-    m = (max_shift - base_shift) / (4096 - 256)
-    return (width * height / (8 * 8 * 2 * 2)) * m + (base_shift - m * 256)
+    return dynamic_mu(width * height / (8 * 8 * 2 * 2), 256, 4096, base_shift, max_shift)

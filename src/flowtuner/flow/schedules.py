@@ -13,18 +13,25 @@ import torch
 
 
 def dynamic_mu(
-    image_tokens: int, base_len: int = 256, max_len: int = 8192, base_shift: float = 0.5, max_shift: float = 0.9
+    image_tokens: float, base_len: float = 256, max_len: float = 8192, base_shift: float = 0.5, max_shift: float = 0.9
 ) -> float:
-    """Resolution-dependent shift exponent: a line through (base_len, base_shift), (max_len, max_shift)."""
+    """Resolution-dependent shift exponent: a line through (base_len, base_shift), (max_len, max_shift).
+    The one copy of this line: diffusers' calculate_shift, musubi-tuner's get_lin_function and ComfyUI's
+    ModelSamplingFlux all compute it as m x + (y1 - m x1), so the same float arithmetic serves all three.
+    The defaults are Qwen-Image's scheduler config (256 / 8192 tokens, 0.5 / 0.9)."""
     m = (max_shift - base_shift) / (max_len - base_len)
     return image_tokens * m + (base_shift - m * base_len)
 
 
 def exponential_shift(sigmas: np.ndarray, mu: float) -> np.ndarray:
+    """diffusers' time_shift: e^mu / (e^mu + 1/sigma - 1), i.e. `sd3_shift` with shift e^mu in the
+    reference's own float arithmetic (kept so reference schedules match bit for bit)."""
     return math.exp(mu) / (math.exp(mu) + (1 / sigmas - 1))
 
 
-def sd3_shift(sigmas: np.ndarray, shift: float) -> np.ndarray:
+def sd3_shift(sigmas, shift: float):
+    """shift s / (1 + (shift - 1) s): SD3's shift, musubi-tuner's timestep shift and ComfyUI's
+    time_snr_shift (numpy arrays or tensors)."""
     return shift * sigmas / (1 + (shift - 1) * sigmas)
 
 

@@ -19,6 +19,7 @@ import torch
 
 from flowtuner.errors import ConfigError
 from flowtuner.flow.schedules import dynamic_mu
+from flowtuner.flow.schedules import sd3_shift as shift_sigma
 from flowtuner.flow.weighting import _mode_map
 
 log = logging.getLogger(__name__)
@@ -68,12 +69,9 @@ def _normal(n: int, gen: torch.Generator) -> torch.Tensor:
     return torch.randn(n, generator=gen)
 
 
-def shift_sigma(t: torch.Tensor, shift: float) -> torch.Tensor:
-    return shift * t / (1 + (shift - 1) * t)
-
-
-def _lin(x1: float, y1: float, x2: float, y2: float, x: float) -> float:
-    return (y2 - y1) / (x2 - x1) * (x - x1) + y1
+def _flux_mu(tokens: float, max_len: float = 4096) -> float:
+    """musubi-tuner's get_lin_function(y1=0.5, y2=1.15) (x2 = max_len): Flux's mu line."""
+    return dynamic_mu(tokens, 256, max_len, 0.5, 1.15)
 
 
 def _shifted(n, gen, opt, mu: float) -> torch.Tensor:
@@ -102,18 +100,18 @@ def shift(n, gen, opt, tokens):
 
 @register("flux_shift", "sigmoid_scale")
 def flux_shift(n, gen, opt, tokens):
-    return _shifted(n, gen, opt, _lin(256, 0.5, 4096, 1.15, tokens))
+    return _shifted(n, gen, opt, _flux_mu(tokens))
 
 
 @register("flux2_shift", "sigmoid_scale")
 def flux2_shift(n, gen, opt, tokens):
     """Flux.2's line over the unpacked latent area h w = 4 tokens (musubi-tuner's formula)."""
-    return _shifted(n, gen, opt, _lin(256, 0.5, 4096, 1.15, 4 * tokens))
+    return _shifted(n, gen, opt, _flux_mu(4 * tokens))
 
 
 @register("krea2_shift", "sigmoid_scale")
 def krea2_shift(n, gen, opt, tokens):
-    return _shifted(n, gen, opt, _lin(256, 0.5, 6400, 1.15, tokens))
+    return _shifted(n, gen, opt, _flux_mu(tokens, max_len=6400))
 
 
 @register("qwen_shift", "sigmoid_scale")
@@ -155,7 +153,7 @@ def _qinglong(n, gen, opt, mu: float, mid: float, logsnr_end: float) -> torch.Te
 @register("qinglong_flux", "sigmoid_scale", "logit_mean", "logit_std")
 def qinglong_flux(n, gen, opt, tokens):
     """Per sample: 79 % flux_shift, 11 % logsnr(--logit_mean, --logit_std), 10 % logSNR ~ N(5.36, 1)."""
-    return _qinglong(n, gen, opt, _lin(256, 0.5, 4096, 1.15, tokens), 0.79, 0.9)
+    return _qinglong(n, gen, opt, _flux_mu(tokens), 0.79, 0.9)
 
 
 @register("qinglong_qwen", "sigmoid_scale")

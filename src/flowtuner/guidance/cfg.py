@@ -16,6 +16,13 @@ from flowtuner.families.base import Conditioning
 CfgFunction = Callable[[torch.Tensor, torch.Tensor, float, int], torch.Tensor]
 
 
+def runs_uncond(scale: float) -> bool:
+    """Whether a guidance scale needs the unconditional pass (and so a negative prompt): only above 1, where
+    CFG differs from the conditional prediction. Decided here only; sampling, prompt encoding and the
+    negative-prompt default all ask this."""
+    return scale > 1
+
+
 def plain_cfg(cond: torch.Tensor, uncond: torch.Tensor, scale: float, feature_dim: int) -> torch.Tensor:
     return uncond + scale * (cond - uncond)
 
@@ -50,7 +57,7 @@ def guided_model(
         from flowtuner.guidance.methods import LAYOUTS
 
         return _hooked_model(predict, cond, uncond, scale, feature_dim, cfg, methods, LAYOUTS[layout](grid), perturb)
-    if uncond is None or scale <= 1.0:
+    if uncond is None or not runs_uncond(scale):
         return lambda x, sigma: predict(x, sigma, cond)
     combine = CFG_FUNCTIONS[cfg]
 
@@ -78,7 +85,7 @@ def _hooked_model(predict, cond, uncond, scale, feature_dim, cfg, methods, grid,
     def model(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         s = float(sigma)
         v_c = predict(x, sigma, cond).to(torch.float32)
-        v_u = predict(x, sigma, uncond).to(torch.float32) if uncond is not None and scale > 1 else None
+        v_u = predict(x, sigma, uncond).to(torch.float32) if uncond is not None and runs_uncond(scale) else None
         step = Step(to_grid(x), s, scale, to_grid(x - s * v_c), None if v_u is None else to_grid(x - s * v_u),
                     perturbed=lambda blocks: _perturbed_pass(predict, perturb, x, sigma, cond, blocks, to_grid))
         for method, params, state in chain:

@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 
 from flowtuner.errors import ConfigError
-from flowtuner.flow.convention import noisy, velocity_target
 from flowtuner.train.lora_formats import write_lora_file
+from flowtuner.train.objective import per_sample_loss
 from flowtuner.train.state import capture_rng, save_state
 from flowtuner.weights import atomic_save_safetensors
 from flowtuner.weights.writer import stream_save_safetensors
@@ -36,7 +36,7 @@ def lora_metadata(trainer, pos, network) -> dict[str, str]:
     cfg, fam = trainer.cfg, trainer.family
     dim, alpha = network.common_shape()  # a continued LoRA has the file's rank and alpha, not the flags'
     meta = {
-        "ss_base_model_version": fam.architecture, "ss_network_module": "networks.lora_qwen_image",
+        "ss_base_model_version": fam.architecture, "ss_network_module": fam.network_module,
         "ss_network_dim": str(dim), "ss_network_alpha": str(alpha), **network_args_metadata(cfg.network_args),
         "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": f"{fam.modelspec_architecture}/lora",
         "modelspec.implementation": fam.modelspec_implementation, "modelspec.title": cfg.output_name,
@@ -195,11 +195,10 @@ class Validator:
             x0, geometry = self.denoiser.from_latents(batch["latents"].to(torch.float32))
             noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1_000_003 + i))
             x0, noise = x0.to(self.device), noise.to(self.device)
-            mask = batch["mask"].to(self.device)
+            cond = self.t.family.batch_conditioning(batch, self.device)
             for s in self.sigmas:
                 sigma = torch.full((x0.shape[0],), s, device=self.device)
-                v = module(noisy(x0, noise, s), sigma, batch["embeds"].to(self.device), None if bool(mask.all()) else mask, geometry)
-                total += ((v.float() - velocity_target(x0, noise)) ** 2).mean().item() * x0.shape[0]
+                total += per_sample_loss(module, x0, noise, sigma, cond, geometry).sum().item()
                 count += x0.shape[0]
         return total / max(1, count)
 

@@ -1,8 +1,5 @@
 """The training loop, shared by LoRA (`flowtuner train`) and full fine-tuning (`flowtuner finetune`).
-
-Objective: x_t = (1 - sigma) x0 + sigma eps, target eps - x0, MSE (optionally weighted by sigma); the
-model is conditioned on exactly the sigma used to mix the noise.
-"""
+The objective (train/objective.py) is weighted by sigma with --weighting_scheme."""
 
 from __future__ import annotations
 
@@ -11,7 +8,7 @@ import math
 import random
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -23,19 +20,21 @@ from flowtuner.config.train import TrainConfig
 from flowtuner.data.config import load_dataset_config
 from flowtuner.data.loader import BatchPlan, CacheDataset, make_loader, scan_caches
 from flowtuner.errors import ConfigError, FlowtunerError
-from flowtuner.families import get_family
+from flowtuner.families import family_for
 from flowtuner.families.base import Conditioning, Denoiser, LatentGeometry
-from flowtuner.flow.convention import noisy, velocity_target
 from flowtuner.flow.timesteps import check_options, loss_weighting, sample_sigmas
 from flowtuner.flow.weighting import WEIGHTINGS
 from flowtuner.generate import pick_device, release_cache
+from flowtuner.sampling import prompts_of
 from flowtuner.train import checkpoints, previews
 from flowtuner.train.lora import LoRANetwork, kohya_name, select_modules
+from flowtuner.train.objective import per_sample_loss
 from flowtuner.train.optim import make_optimizer, make_schedule, parse_kv
 from flowtuner.train.state import capture_rng, load_state, restore_rng
 
 log = logging.getLogger(__name__)
-NETWORK_ALIASES = {"lora", "networks.lora_qwen_image", "networks.lora"}
+# --network_module values every family accepts; the family adds musubi-tuner's name for its own module
+NETWORK_ALIASES = ("lora", "networks.lora")
 
 
 class TrainModule(nn.Module):
@@ -50,9 +49,8 @@ class TrainModule(nn.Module):
         else:
             self.model = denoiser.module
 
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor, embeds: torch.Tensor, mask: torch.Tensor | None,
-                geometry: LatentGeometry) -> torch.Tensor:
-        return self._denoiser[0].predict(x, sigma, Conditioning(embeds, mask), geometry)
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning, geometry: LatentGeometry) -> torch.Tensor:
+        return self._denoiser[0].predict(x, sigma, cond, geometry)
 
 
 @dataclass
@@ -90,15 +88,17 @@ class StepClock:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, full: bool = False):
+        self.family = family_for(cfg)
+        # --timestep_sampling not given: the family's default, resolved here so the metadata records it
+        cfg = replace(cfg, timestep_sampling=cfg.timestep_sampling or self.family.default_timestep_sampling)
         self.cfg, self.full = cfg, full
-        self.family = get_family("qwen_image")
         self.opts = cfg.timestep_options()
         check_options(cfg.timestep_sampling, self.opts)
         self.weighting = loss_weighting(cfg.timestep_sampling, cfg.weighting_scheme)  # `sigma` samples from density schemes
         self.weight_opts = {"logit_mean": cfg.logit_mean or 0.0, "logit_std": cfg.logit_std or 1.0, "mode_scale": cfg.mode_scale}
         self.net_opts = None if full else cfg.network_options()  # --network_args errors before any model loads
-        if not full and cfg.network_module not in NETWORK_ALIASES:
-            raise ConfigError(f"--network_module {cfg.network_module}: unknown; use lora (networks.lora_qwen_image is accepted).")
+        if not full and cfg.network_module not in (*NETWORK_ALIASES, self.family.network_module):
+            raise ConfigError(f"--network_module {cfg.network_module}: unknown; use lora ({self.family.network_module} is accepted).")
         self.seed = cfg.seed if cfg.seed is not None else random.randrange(2**31)
         self.out = Path(cfg.output_dir)
         self.version = __version__
@@ -143,7 +143,7 @@ class Trainer:
             if self.cfg.full_bf16 and self.cfg.mixed_precision != "bf16":
                 raise ConfigError("--full_bf16 needs --mixed_precision bf16.")
             # full fine-tuning keeps fp32 master weights unless --full_bf16
-            # nn.Module.to, not diffusers' override, which warns about fp32-only modules Qwen-Image does not have
+            # nn.Module.to, not diffusers' override, which warns about fp32-only modules the model does not have
             nn.Module.to(denoiser.module, torch.bfloat16 if self.cfg.full_bf16 else torch.float32).requires_grad_(True)
             return None
         if self.cfg.full_bf16 or self.cfg.fused_backward_pass:
@@ -155,8 +155,7 @@ class Trainer:
         if self.cfg.network_weights:  # the file decides the modules, ranks and alphas
             from flowtuner.train.lora_formats import read_lora_file
 
-            weights = read_lora_file(self.cfg.network_weights, list(self.family.lora_block_modules),
-                                     list(self.family.lora_stem_modules))
+            weights = read_lora_file(self.cfg.network_weights, *self.family.lora_names())
             patterned = "include_patterns" in args or "exclude_patterns" in args
             network = LoRANetwork.from_weights(model, weights, f"--network_weights {self.cfg.network_weights}",
                                                self.cfg.network_dropout, paths if patterned else None)
@@ -176,11 +175,7 @@ class Trainer:
         noise = torch.randn(x0.shape, generator=gen)
         sigma = sample_sigmas(self.cfg.timestep_sampling, x0.shape[0], gen, self.opts, geometry.image_tokens)
         x0, noise, sigma_d = x0.to(device), noise.to(device), sigma.to(device)
-        shape = (-1,) + (1,) * (x0.dim() - 1)
-        x_t = noisy(x0, noise, sigma_d.view(shape))
-        mask = batch["mask"].to(device)
-        v = module(x_t, sigma_d, batch["embeds"].to(device), None if bool(mask.all()) else mask, geometry)
-        per_sample = ((v.float() - velocity_target(x0, noise)) ** 2).flatten(1).mean(1)
+        per_sample = per_sample_loss(module, x0, noise, sigma_d, self.family.batch_conditioning(batch, device), geometry)
         weights = WEIGHTINGS[self.weighting](sigma_d, self.weight_opts)
         return (weights * per_sample).mean(), sigma
 
@@ -333,7 +328,7 @@ class Trainer:
 
     def _encode_samples(self, paths, jobs, device) -> dict[str, Conditioning]:
         encoder = self.family.load_text_encoder(paths, device)
-        texts = previews.prompts_of(jobs)
+        texts = prompts_of(jobs)
         conds = dict(zip(texts, encoder.encode(texts)))
         del encoder
         release_cache()

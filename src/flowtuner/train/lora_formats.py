@@ -3,8 +3,8 @@
 down/up (Lightning), PEFT with adapter name (DiffSynth). Write: kohya (default), diffusers, comfyui.
 
 kohya names flatten the module path (`transformer_blocks.0.attn.to_q` -> `lora_unet_transformer_blocks_0_attn_to_q`);
-they are mapped back with the model family's table of LoRA-able module names, not by guessing
-which underscores were dots.
+they are mapped back with the model family's tables (`Family.lora_names()`: its LoRA-able module names and
+the path of its blocks), not by guessing which underscores were dots.
 """
 
 from __future__ import annotations
@@ -45,22 +45,23 @@ def _split(key: str) -> tuple[str, str]:
     raise ConfigError(f"unrecognised LoRA key {key!r}")
 
 
-def _path_from_kohya(name: str, module_names: list[str], source: str) -> str:
-    m = re.fullmatch(r"lora_unet_transformer_blocks_(\d+)_(.+)", name)
+def _path_from_kohya(name: str, module_names: list[str], blocks: str, source: str) -> str:
+    m = re.fullmatch(rf"lora_unet_{re.escape(blocks.replace('.', '_'))}_(\d+)_(.+)", name)
     table = {n.replace(".", "_"): n for n in module_names}
     if m and m.group(2) in table:
-        return f"transformer_blocks.{m.group(1)}.{table[m.group(2)]}"
+        return f"{blocks}.{m.group(1)}.{table[m.group(2)]}"
     rest = name.removeprefix("lora_unet_")
     if rest in table:
         return table[rest]
-    raise ConfigError(f"{source}: kohya LoRA name {name!r} matches no Linear layer of a Qwen-Image DiT; "
-                      "the LoRA was made for another model.")
+    raise ConfigError(f"{source}: kohya LoRA name {name!r} matches no LoRA-able layer of this model; "
+                      "the LoRA was made for another model (or another --model_version).")
 
 
 def parse_lora(tensors: dict[str, torch.Tensor], metadata: dict[str, str], block_modules: list[str],
-               stem_modules: list[str], source: str) -> dict[str, LoRAWeights]:
+               stem_modules: list[str], blocks: str, source: str) -> dict[str, LoRAWeights]:
     """Any supported layout -> {module path: LoRAWeights}. `block_modules` are paths inside a block
-    (`attn.to_q`), `stem_modules` paths outside blocks (`img_in`)."""
+    (`attn.to_q`), `stem_modules` paths outside blocks (`img_in`), `blocks` the path of the blocks'
+    ModuleList: the family's `lora_names()`."""
     odd = [k for k in tensors if any(m in k for m in UNSUPPORTED_MARKERS)]
     if odd:
         raise ConfigError(f"{source}: LoHa / LoKr / DoRA / diff LoRAs are not supported (key {odd[0]!r}).")
@@ -71,7 +72,7 @@ def parse_lora(tensors: dict[str, torch.Tensor], metadata: dict[str, str], block
         except ConfigError:
             raise ConfigError(f"{source}: unrecognised LoRA key {key!r}.") from None
         if base.startswith("lora_unet_"):
-            base = _path_from_kohya(base, block_modules + stem_modules, source)
+            base = _path_from_kohya(base, block_modules + stem_modules, blocks, source)
         else:
             for prefix in PREFIXES:
                 if base.startswith(prefix):
@@ -187,12 +188,12 @@ def addnet_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) ->
     return hashlib.sha256(data[header:]).hexdigest(), hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
 
 
-def read_lora_file(path: str | Path, block_modules: list[str], stem_modules: list[str]) -> dict[str, LoRAWeights]:
+def read_lora_file(path: str | Path, block_modules: list[str], stem_modules: list[str], blocks: str) -> dict[str, LoRAWeights]:
     ckpt = open_checkpoint(path)
     tensors = {k: ckpt.read(k) for k in ckpt.keys()}
     if not tensors:
         raise ConfigError(f"{path}: empty LoRA file.")
-    return parse_lora(tensors, ckpt.metadata, block_modules, stem_modules, str(path))
+    return parse_lora(tensors, ckpt.metadata, block_modules, stem_modules, blocks, str(path))
 
 
 def write_lora_file(weights: dict[str, LoRAWeights], path: str | Path, fmt: str = "kohya",

@@ -24,11 +24,6 @@ def sample_jobs(path: str | Path, size_step: int) -> list[Job]:
     return jobs
 
 
-def prompts_of(jobs: list[Job]) -> list[str]:
-    texts = [j.prompt for j in jobs] + [j.negative_prompt for j in jobs if j.guidance_scale > 1]
-    return list(dict.fromkeys(texts))
-
-
 def write_samples(family: Family, denoiser: Denoiser, codec: ImageCodec, jobs: list[Job],
                   conds: dict[str, Conditioning], folder: Path, name: str, tag: str) -> list[Path]:
     out = []
@@ -36,6 +31,6 @@ def write_samples(family: Family, denoiser: Denoiser, codec: ImageCodec, jobs: l
     for i, job in enumerate(jobs):
         for _, seed, latent in sample_job(denoiser, family, job, conds, init=inits.get(init_key(job))):
             image = codec.decode(latent)[0]
-            params = {**{k: v for k, v in vars(job).items() if k != "num_images"}, "seed": seed, "sampler": job.sampler}
+            params = {**{k: v for k, v in vars(job).items() if k != "num_images" and not k.startswith("_")}, "seed": seed, "sampler": job.sampler}
             out.append(save_png(image, folder, params, stem=f"{name}_{tag}_{i:02d}_{seed}"))
     return out

@@ -154,13 +154,16 @@ class QwenImageFamily(Family):
 
     lora_block_modules = LORA_BLOCK_MODULES
     lora_stem_modules = LORA_STEM_MODULES
+    lora_blocks = "transformer_blocks"
+    network_module = "networks.lora_qwen_image"
+    default_timestep_sampling = "qwen_shift"  # the shift of Qwen-Image's own schedule at each resolution (docs/training.md)
 
     def lora_default_targets(self, module: torch.nn.Module) -> list[str]:
         """Every block Linear, the modulation layers img_mod.1 / txt_mod.1 included: what musubi-tuner's
         networks.lora_qwen_image trains (its pattern meant to exclude them never matches), so the same flags
         give the same LoRA (docs/training.md)."""
-        n = len(module.transformer_blocks)
-        return [f"transformer_blocks.{i}.{name}" for i in range(n) for name in LORA_BLOCK_MODULES]
+        n = len(module.get_submodule(self.lora_blocks))
+        return [f"{self.lora_blocks}.{i}.{name}" for i in range(n) for name in LORA_BLOCK_MODULES]
 
     def cache_size_estimate(self, bucket: tuple[int, int], caption: str) -> tuple[int, int]:
         latent = LATENT_CHANNELS * (bucket[0] // VAE_FACTOR) * (bucket[1] // VAE_FACTOR) * 2

@@ -1,0 +1,124 @@
+"""The model-family seam: the family is chosen once from --model_version through the registry, and the
+model-specific defaults and names shared code uses come from that family object."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+import torch
+
+from flowtuner import families
+from flowtuner.config.models import resolve_model_version
+from flowtuner.config.train import TrainConfig
+from flowtuner.errors import ConfigError
+from flowtuner.families.qwen_image import QwenImageFamily
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "flowtuner"
+
+
+class OtherFamily(QwenImageFamily):
+    """Qwen-Image's code under other names and defaults: whatever shared code reads must follow."""
+
+    name = "other"
+    network_module = "networks.lora_other"
+    default_timestep_sampling = "uniform"
+    lora_blocks = "layers"
+
+
+@pytest.fixture
+def other_registered(monkeypatch):
+    monkeypatch.setitem(families.FAMILIES, "other", OtherFamily)
+    monkeypatch.setitem(families.VERSIONS, "edit", "other")
+
+
+def test_original_runs_qwen_image_and_unregistered_versions_are_refused():
+    cfg = TrainConfig()
+    assert resolve_model_version(cfg) == "original" and isinstance(families.family_for(cfg), QwenImageFamily)
+    cfg.model_version = "edit-2511"
+    with pytest.raises(ConfigError, match="--model_version edit-2511: Qwen-Image-Edit-2511 is not available yet"):
+        families.family_for(cfg)
+
+
+def test_the_registry_decides_what_runs_and_the_family_supplies_the_defaults(other_registered):
+    from flowtuner.train.loop import Trainer
+
+    cfg = TrainConfig(edit=True, output_dir="unused")
+    assert resolve_model_version(cfg) == "edit"  # no "not available yet": the registry has a family for it
+    trainer = Trainer(cfg)
+    assert isinstance(trainer.family, OtherFamily)
+    assert trainer.cfg.timestep_sampling == "uniform"  # the family's default, resolved once
+    assert Trainer(TrainConfig(edit=True, timestep_sampling="sigma")).cfg.timestep_sampling == "sigma"  # a flag wins
+    Trainer(TrainConfig(edit=True, network_module="networks.lora_other"))
+    with pytest.raises(ConfigError, match=r"networks\.lora_qwen_image: unknown; use lora \(networks\.lora_other is accepted\)"):
+        Trainer(TrainConfig(edit=True, network_module="networks.lora_qwen_image"))
+
+
+def test_kohya_names_are_read_with_the_familys_block_path():
+    from flowtuner.train.lora_formats import parse_lora
+
+    down, up = torch.zeros(2, 8), torch.zeros(8, 2)
+    tensors = {"lora_unet_layers_3_attn_to_q.lora_down.weight": down, "lora_unet_layers_3_attn_to_q.lora_up.weight": up}
+    assert list(parse_lora(tensors, {}, *OtherFamily().lora_names(), "x")) == ["layers.3.attn.to_q"]
+    with pytest.raises(ConfigError, match="matches no LoRA-able layer"):
+        parse_lora(tensors, {}, *QwenImageFamily().lora_names(), "x")
+
+
+def test_guidance_at_or_below_one_skips_the_unconditional_pass():
+    from flowtuner.guidance import guided_model, runs_uncond
+
+    assert not runs_uncond(1.0) and runs_uncond(1.01)
+    calls = []
+
+    def predict(x, sigma, cond):
+        calls.append(cond)
+        return x
+
+    guided_model(predict, "c", "u", 1.0, -1)(torch.zeros(1), torch.ones(1))
+    guided_model(predict, "c", "u", 2.0, -1)(torch.zeros(1, 2), torch.ones(1))
+    assert calls == ["c", "c", "u"]
+
+
+def _code_strings(tree: ast.AST):
+    """String constants that are values, not text: docstrings, help texts (opt(...), Flag(...)) and
+    musubi-tuner's sampler names (register(...)) are left out."""
+    skip: set[int] = set()
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(body, list) and body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+            skip.add(id(body[0].value))
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("opt", "Flag", "register"):
+            skip.update(id(n) for n in ast.walk(node) if isinstance(n, ast.Constant))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in skip:
+            yield node
+
+
+def test_shared_code_names_no_model():
+    """Outside families/ (and the demo, which builds its own Qwen-Image models) no value in the code names a
+    model: no family picked by name, no network module, block path or timestep default of Qwen-Image."""
+    names = {"qwen_image", "networks.lora_qwen_image", "qwen_shift"}
+    offenders = []
+    for path in SRC.rglob("*.py"):
+        rel = path.relative_to(SRC).as_posix()
+        if rel.startswith(("families/", "demo/")):
+            continue
+        for node in _code_strings(ast.parse(path.read_text(encoding="utf-8"))):
+            if node.value in names or "transformer_blocks" in node.value:
+                offenders.append(f"{rel}:{node.lineno}: {node.value!r}")
+    assert not offenders, "\n".join(offenders)
+
+
+def test_model_version_selects_the_family_on_dataset_check_sigmas_and_convert_lora(tmp_path, capsys):
+    from flowtuner.cli import main
+
+    dataset = tmp_path / "d.toml"
+    dataset.write_text('[general]\nresolution = 64\n[[datasets]]\nimage_directory = "nowhere"\n')
+    for argv in (["dataset", "check", "--dataset_config", str(dataset)], ["sigmas", "--steps", "2"],
+                 ["convert-lora", str(tmp_path / "in.safetensors"), str(tmp_path / "out.safetensors"), "--format", "kohya"]):
+        assert main([*argv, "--edit_plus"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "--edit_plus: Qwen-Image-Edit-2509 is not available yet" in err and "\n" not in err, (argv, err)
+    assert main(["sigmas", "--steps", "2", "--model_version", "original"]) == 0
+    assert capsys.readouterr().out.startswith('{"reference": [1.0, ')
