@@ -101,6 +101,7 @@ def test_same_seed_twice_never_overwrites(tmp_path, tiny_files):
     assert len(files) == 2
 
 
+@pytest.mark.slow
 def test_samplers_and_schedulers_from_the_cli_and_prompt_lines(tmp_path, tiny_files, capsys):
     from safetensors.torch import load_file
 

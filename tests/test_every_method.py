@@ -40,6 +40,7 @@ def prompt_file(tmp_path_factory):
     return path, list(lines)
 
 
+@pytest.mark.slow
 def test_every_method_from_the_cli(tmp_path, tiny_files, prompt_file):
     path, names = prompt_file
     out = tmp_path / "out"
@@ -65,6 +66,7 @@ def test_every_method_from_the_cli(tmp_path, tiny_files, prompt_file):
         assert not torch.equal(grid, comfy), spec
 
 
+@pytest.mark.slow
 def test_every_method_in_training_previews(tmp_path, tiny_files, prompt_file):
     """The preview writer the trainer calls, with the trainer's loaded components."""
     from flowtuner.families import get_family

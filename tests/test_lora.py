@@ -241,6 +241,7 @@ def test_generate_with_lora_equals_diffusers_load_lora_weights(tmp_path, tiny_fi
     torch.testing.assert_close(latent, ref_latent, atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_layouts_give_the_same_image_and_multipliers_add(tmp_path, tiny_files, lora_file):
     path, net = lora_file
     repo = ("--model", str(tiny_files["repo"]))

@@ -90,6 +90,7 @@ def test_pag_formula():
     assert m.fn(step, d, {**m.defaults, "scale": 0.0}, {}) is d and seen == ["20-23"]  # scale 0: no extra pass
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cfg,calls_per_step", [(4.0, 3), (1.0, 2)])
 def test_pag_costs_one_forward_per_step(tmp_path, tiny_files, monkeypatch, cfg, calls_per_step):
     from safetensors.torch import load_file

@@ -32,6 +32,7 @@ def generate(tiny_files, out, *extra) -> tuple[torch.Tensor, dict]:
     return load_file(path)["latent"], meta
 
 
+@pytest.mark.slow
 def test_presets_equal_their_flags_and_explicit_flags_win(tmp_path, tiny_files):
     ln3 = str(math.log(3))
     preset, meta = generate(tiny_files, tmp_path / "p", "--preset", "lightning")
@@ -47,6 +48,7 @@ def test_presets_equal_their_flags_and_explicit_flags_win(tmp_path, tiny_files):
     assert torch.equal(comfy, comfy_flags) and meta["cfg_mode"] == "plain" and meta["scheduler"] == "simple"
 
 
+@pytest.mark.slow
 def test_cfg_modes_and_model_sampling_modes_change_the_result(tmp_path, tiny_files):
     base = ("--infer_steps", "3")
     rescaled, _ = generate(tiny_files, tmp_path / "r", *base)
@@ -76,6 +78,7 @@ def test_inline_options_in_prompt_lines(tmp_path, tiny_files):
     assert json.loads(meta["guidance"]) == ["apg:eta=0.5", "cfg_norm"]
 
 
+@pytest.mark.slow
 def test_comfyui_reproduction_options(tmp_path, tiny_files, monkeypatch):
     """A ComfyUI graph's settings: dpmpp_2m_sde starts at the AuraFlow 3.1 table's percent_to_sigma(1e-4), and
     --guidance_layout comfyui gives FreSca's 5-D result (plain CFG at w scale_high, what scale_low = scale_high

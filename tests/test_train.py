@@ -271,6 +271,7 @@ def test_lr_schedules_and_missing_optional_packages():
             make_optimizer("adamw8bit", p, 0.1, {})
 
 
+@pytest.mark.slow
 def test_accelerate_launch_runs_the_trainer(tmp_path, cached, tiny_files):
     import subprocess
     import sys
