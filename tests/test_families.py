@@ -30,7 +30,7 @@ class OtherFamily(QwenImageFamily):
 @pytest.fixture
 def other_registered(monkeypatch):
     monkeypatch.setitem(families.FAMILIES, "other", OtherFamily)
-    monkeypatch.setitem(families.VERSIONS, "edit", "other")
+    monkeypatch.setitem(families.VERSIONS, "edit", families.Version("Other", "other"))
 
 
 def test_original_runs_qwen_image_and_unregistered_versions_are_refused():

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 from flowtuner.config.fields import opt
 from flowtuner.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -18,25 +22,28 @@ class ModelFiles:
     comfyui_dir: str | None = opt(help="ComfyUI install: bare file names resolve in models/diffusion_models, models/text_encoders, models/vae (default: $COMFYUI_PATH)")
 
 
-# musubi-tuner's --model_version values (qwen_image_utils.resolve_model_version_args) and the model each names
-MODEL_VERSIONS = {"original": "Qwen-Image", "edit": "Qwen-Image-Edit", "edit-2509": "Qwen-Image-Edit-2509",
-                  "edit-2511": "Qwen-Image-Edit-2511", "layered": "Qwen-Image-Layered"}
-
-
 @dataclass
 class ModelVersion:
-    """musubi-tuner's model-version switch, on every Qwen-Image command."""
+    """musubi-tuner's model-version switch, on every model command."""
 
-    model_version: str | None = opt(help="Qwen-Image family member: " + ", ".join(MODEL_VERSIONS) + " (case-insensitive; "
-                                         "default original; only original is available yet)",
-                                    choices=tuple(MODEL_VERSIONS), type=str.lower)
+    model_version: str | None = opt(help="model to run, by musubi-tuner's names: original (Qwen-Image, also right for "
+                                         "Qwen-Image-2512), edit, edit-2509, edit-2511 (Qwen-Image-Edit), layered "
+                                         "(case-insensitive; default: what a diffusers folder's model_index.json / "
+                                         "transformer config says, else original)", type=str.lower)
     edit: bool = opt(False, "musubi-tuner's legacy switch for --model_version edit (used when --model_version is absent)")
     edit_plus: bool = opt(False, "musubi-tuner's legacy switch for --model_version edit-2509 (wins over --edit)")
 
 
 def resolve_model_version(cfg) -> str:
-    """musubi-tuner's rule (--model_version, else --edit_plus, else --edit, else original), stored back in
-    cfg.model_version; a member flowtuner cannot run yet is a one-line error."""
+    """musubi-tuner's rule (--model_version, else --edit_plus, else --edit), else what the model files say
+    (families.detect_version), else the default; stored back in cfg.model_version. A version the files
+    contradict, an unknown one, or one flowtuner cannot run yet is a one-line error; a DiT file name that
+    suggests another member than the flag is a warning (as in musubi-tuner). Idempotent."""
+    from flowtuner.families import DEFAULT_VERSION, VERSIONS, detect_version, name_hints
+
+    if getattr(cfg, "_resolved_version", None) is not None and cfg._resolved_version == cfg.model_version:
+        return cfg.model_version  # checked (and warned about) once per command
+    dit, model = getattr(cfg, "dit", None), getattr(cfg, "model", None)
     if cfg.model_version is not None:
         version, source = cfg.model_version.lower(), f"--model_version {cfg.model_version}"
     elif cfg.edit_plus:
@@ -44,14 +51,25 @@ def resolve_model_version(cfg) -> str:
     elif cfg.edit:
         version, source = "edit", "--edit"
     else:
-        version, source = "original", ""
-    if version not in MODEL_VERSIONS:
-        raise ConfigError(f"--model_version {cfg.model_version}: unknown; choose one of {', '.join(MODEL_VERSIONS)}.")
+        version, source = None, ""
+    if version is not None and version not in VERSIONS:
+        raise ConfigError(f"{source}: unknown model version; choose one of {', '.join(VERSIONS)}.")
+    detected, evidence = detect_version(dit, model)
+    if detected is not None and version is not None and detected != version:
+        raise ConfigError(f"{source} contradicts the model files ({evidence}: {VERSIONS[detected].model}); "
+                          f"drop the flag or pass --model_version {detected}.")
+    if version is None:
+        version = detected or DEFAULT_VERSION
+        source = f"{evidence}" if detected else ""
+    for hint in name_hints(dit) - {version}:
+        if not version.startswith(hint):
+            log.warning("the DiT file name %s suggests %s, but %s runs as %s; pass --model_version if that is wrong.",
+                        Path(dit).name, VERSIONS[hint].model, "it" if not source else source, VERSIONS[version].model)
+    entry = VERSIONS[version]
     cfg.model_version = version
-    from flowtuner.families import VERSIONS  # the family registry decides what runs
-
-    if version not in VERSIONS:
-        why = " (the Qwen-Image-Edit family is not supported by flowtuner so far)" if version.startswith("edit") else ""
-        raise ConfigError(f"{source}: {MODEL_VERSIONS[version]} is not available yet{why}; run without it for Qwen-Image "
-                          "(--model_version original, also right for Qwen-Image-2512).")
+    if entry.family is None:
+        why = f" ({entry.missing})" if entry.missing else ""
+        raise ConfigError(f"{source or '--model_version ' + version}: {entry.model} is not available yet{why}; run "
+                          "without it for Qwen-Image (--model_version original, also right for Qwen-Image-2512).")
+    cfg._resolved_version = version
     return version

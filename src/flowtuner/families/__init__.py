@@ -1,10 +1,14 @@
 """Model families: the only code that knows a model. A registry: shared code asks `family_for(cfg)` once per
-command and never names a model itself."""
+command and never names a model itself.
+
+A new family is a sibling folder of qwen_image/ plus one row in FAMILIES and its rows in VERSIONS (and, if
+its files say which member they are, a detector in DETECTORS)."""
 
 from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from flowtuner.errors import ConfigError
@@ -23,11 +27,31 @@ FAMILIES: dict[str, Callable[[], Family]] = {
     "qwen_image": _lazy("flowtuner.families.qwen_image", "QwenImageFamily"),
 }
 
-# --model_version value (after musubi-tuner's resolution rule, config.models.resolve_model_version) -> family
-# name; a version listed in config.models.MODEL_VERSIONS but not here is "not available yet"
-VERSIONS: dict[str, str] = {
-    "original": "qwen_image",
+
+@dataclass(frozen=True)
+class Version:
+    """One --model_version value: the model it names and the family that runs it (None: a value musubi-tuner
+    accepts that flowtuner cannot run yet, refused in one line)."""
+
+    model: str
+    family: str | None = None
+    missing: str = ""  # why it cannot run, for the refusal
+
+
+# --model_version value (musubi-tuner's names) -> model
+VERSIONS: dict[str, Version] = {
+    "original": Version("Qwen-Image", "qwen_image"),
+    "edit": Version("Qwen-Image-Edit", missing="the Qwen-Image-Edit family is not supported by flowtuner so far"),
+    "edit-2509": Version("Qwen-Image-Edit-2509", missing="the Qwen-Image-Edit family is not supported by flowtuner so far"),
+    "edit-2511": Version("Qwen-Image-Edit-2511", missing="the Qwen-Image-Edit family is not supported by flowtuner so far"),
+    "layered": Version("Qwen-Image-Layered"),
 }
+#: the version a command runs when neither a flag nor the files say
+DEFAULT_VERSION = "original"
+
+# modules with `detect(dit, model) -> (version or None, evidence)` and `name_hint(dit) -> version or None`: what
+# model files say about the member they are (importable without torch)
+DETECTORS: list[str] = ["flowtuner.families.qwen_image.detect"]
 
 
 def get_family(name: str) -> Family:
@@ -36,9 +60,23 @@ def get_family(name: str) -> Family:
     return FAMILIES[name]()
 
 
+def detect_version(dit: str | None, model: str | None) -> tuple[str | None, str]:
+    """(version, evidence) from the model files where they say it unambiguously, else (None, "")."""
+    for module in DETECTORS:
+        version, evidence = importlib.import_module(module).detect(dit, model)
+        if version is not None:
+            return version, evidence
+    return None, ""
+
+
+def name_hints(dit: str | None) -> set[str]:
+    """Versions a DiT file's name suggests (e.g. "edit" in it): only ever a warning."""
+    return {v for module in DETECTORS for v in [importlib.import_module(module).name_hint(dit)] if v is not None}
+
+
 def family_for(cfg) -> Family:
     """The family a parsed command configuration selects: its --model_version / --edit / --edit_plus, resolved
     by musubi-tuner's rule (a version without a family here is a one-line "not available yet" error)."""
     from flowtuner.config.models import resolve_model_version
 
-    return get_family(VERSIONS[resolve_model_version(cfg)])
+    return get_family(VERSIONS[resolve_model_version(cfg)].family)
