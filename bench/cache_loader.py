@@ -49,8 +49,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = write_caches(Path(tmp), args.items, args.batch_size)
         datasets = load_dataset_config(cfg)
-        items = scan_caches(datasets, QwenImageFamily())
-        plan, data = BatchPlan(items, datasets, seed=0), CacheDataset(items)
+        family = QwenImageFamily()
+        items = scan_caches(datasets, family)
+        plan, data = BatchPlan(items, datasets, seed=0), CacheDataset(items, family)
         list(make_loader(data, plan, 0))  # warm the page cache, as a training run's second epoch would be
         t = time.perf_counter()
         for _ in range(args.epochs):

@@ -76,6 +76,7 @@ def main() -> None:
     from flowtuner.families.qwen_image.family import QwenImageDenoiser
     from flowtuner.families.qwen_image.text_encoder import QwenTextEncoder
     from flowtuner.flow.samplers import euler
+    from flowtuner.families.qwen_image.family import SHIFT_LINE
     from flowtuner.flow.schedules import reference_sigmas
     from flowtuner.guidance import guided_model
 
@@ -89,7 +90,7 @@ def main() -> None:
         cond, uncond = encoder.encode([PROMPT, " "])
         g = den.geometry(h, w)
         model = guided_model(lambda x, s, c: den.predict(x, s, c, g), cond, uncond, 4.0)
-        euler(model, den.noise(g, 1), reference_sigmas(args.steps, g.image_tokens))
+        euler(model, den.noise(g, 1), reference_sigmas(args.steps, g.image_tokens, SHIFT_LINE))
 
     def theirs_sampling():
         pipe(**call, generator=torch.Generator("cpu").manual_seed(1), output_type="latent")

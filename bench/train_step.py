@@ -40,7 +40,7 @@ def bare_loop(trainer: Trainer, repo: Path, steps: int) -> float:
     opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-4)
     datasets = load_dataset_config(trainer.cfg.dataset_config)
     items = scan_caches(datasets, family)
-    batches = [CacheDataset(items)[b] for b in BatchPlan(items, datasets, 0).epoch(0)]
+    batches = [CacheDataset(items, family)[b] for b in BatchPlan(items, datasets, 0).epoch(0)]
     gen = torch.Generator().manual_seed(0)
     t = time.perf_counter()
     for i in range(steps):

@@ -76,6 +76,8 @@ def test_doctor_exit_zero_on_clean_dataset(tmp_path, capsys):
 @pytest.fixture
 def cached(tmp_path, tiny_files):
     cfg = good_dataset(tmp_path, sizes=[(64, 64)] * 5 + [(96, 64)] * 3 + [(64, 96)] * 2)
+    for i in range(0, 10, 3):  # captions of several token lengths: some batches need padding and a mask
+        (tmp_path / "images" / f"img{i}.txt").write_text(f"caption number {i}" + " and more" * i)
     for kind in ("latents", "text"):
         assert main([f"cache-{kind}", "--dataset_config", str(cfg), "--model", str(tiny_files["repo"]), "--device", "cpu"]) == 0
     return cfg
@@ -100,7 +102,7 @@ def test_batches_come_from_one_bucket_and_order_is_seeded(cached):
 
 def test_loader_batches_restart_exactly_and_match_across_workers(cached):
     items, plan = _plan(cached)
-    data = CacheDataset(items)
+    data = CacheDataset(items, QwenImageFamily())
     full = [b["keys"] for b in make_loader(data, plan, epoch=2)]
     resumed = [b["keys"] for b in make_loader(data, plan, epoch=2, start=4)]
     assert resumed == full[4:]
@@ -112,11 +114,18 @@ def test_loader_batches_restart_exactly_and_match_across_workers(cached):
     batch = workers[0]
     b = len(batch["keys"])
     assert batch["latents"].shape[:3] == (b, 16, 1) and batch["latents"].dtype == torch.bfloat16
-    assert batch["embeds"].shape[0] == b and batch["embeds"].shape[2] == 128
-    assert batch["mask"].shape == batch["embeds"].shape[:2]
-    lengths = batch["mask"].sum(1)
+    assert batch["cond"].embeds.shape[0] == b and batch["cond"].embeds.shape[2] == 128
+    assert all(w["cond"].embeds.dtype == torch.bfloat16 for w in workers)
+    assert all(torch.equal(a["cond"].embeds, b["cond"].embeds) for a, b in zip(workers, processes))
+    # captions of equal token length: no mask (the model runs unmasked); of different lengths: zero-padded, masked
+    assert any(w["cond"].mask is None for w in workers)
+    cond = next(w["cond"] for w in workers if w["cond"].mask is not None)
+    b = cond.embeds.shape[0]
+    assert cond.mask.shape == cond.embeds.shape[:2]
+    lengths = cond.mask.sum(1)
+    assert len(set(lengths.tolist())) > 1
     for i in range(b):
-        assert batch["embeds"][i, lengths[i]:].abs().sum() == 0 and batch["embeds"][i, : lengths[i]].abs().sum() > 0
+        assert cond.embeds[i, lengths[i]:].abs().sum() == 0 and cond.embeds[i, : lengths[i]].abs().sum() > 0
 
 
 def test_num_repeats_multiplies_items(cached):

@@ -8,7 +8,8 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 
 from flowtuner.flow.convention import noisy, velocity_target, x0_from_v
 from flowtuner.flow.samplers import euler
-from flowtuner.flow.schedules import dynamic_mu, reference_sigmas
+from flowtuner.families.qwen_image.family import SHIFT_LINE
+from flowtuner.flow.schedules import reference_sigmas
 from flowtuner.guidance.cfg import guided_model, norm_rescaled_cfg
 from tests.reference import QWEN_SCHEDULER
 
@@ -20,21 +21,21 @@ TABLE = [(1024, 0.5387, 0.9881, 0.6263, 0.0533), (4096, 0.6935, 0.9897, 0.6601, 
 
 @pytest.mark.parametrize("tokens,mu,s1,s25,s_last2", TABLE)
 def test_reference_table(tokens, mu, s1, s25, s_last2):
-    assert dynamic_mu(tokens) == pytest.approx(mu, abs=1e-4)
-    s = reference_sigmas(50, tokens)
+    assert SHIFT_LINE.mu(tokens) == pytest.approx(mu, abs=1e-4)
+    s = reference_sigmas(50, tokens, SHIFT_LINE)
     assert len(s) == 51 and s[-1] == 0 and s[-2] == pytest.approx(0.02, abs=1e-6)
     assert [round(float(s[i]), 4) for i in (1, 25, -3)] == [s1, s25, s_last2]
 
 
 def test_few_step_schedules_at_1024():
-    assert reference_sigmas(2, 4096).tolist() == pytest.approx([1.0, 0.02, 0.0], abs=1e-6)
-    assert reference_sigmas(4, 4096).tolist() == pytest.approx([1.0, 0.7667, 0.4556, 0.02, 0.0], abs=1e-4)
-    assert reference_sigmas(8, 4096).tolist() == pytest.approx([1.0, .916, .820, .7093, .5801, .4273, .2441, .02, 0], abs=1e-3)
+    assert reference_sigmas(2, 4096, SHIFT_LINE).tolist() == pytest.approx([1.0, 0.02, 0.0], abs=1e-6)
+    assert reference_sigmas(4, 4096, SHIFT_LINE).tolist() == pytest.approx([1.0, 0.7667, 0.4556, 0.02, 0.0], abs=1e-4)
+    assert reference_sigmas(8, 4096, SHIFT_LINE).tolist() == pytest.approx([1.0, .916, .820, .7093, .5801, .4273, .2441, .02, 0], abs=1e-3)
 
 
 def test_one_step_is_finite():
     """The reference returns [NaN, 0] for one step (division by zero in the terminal stretch)."""
-    assert reference_sigmas(1, 4096).tolist() == [1.0, 0.0]
+    assert reference_sigmas(1, 4096, SHIFT_LINE).tolist() == [1.0, 0.0]
 
 
 @pytest.mark.parametrize("steps", [3, 20, 50])
@@ -43,8 +44,8 @@ def test_bit_identical_to_diffusers(steps, tokens):
     sched = FlowMatchEulerDiscreteScheduler(**QWEN_SCHEDULER)
     import numpy as np
 
-    sched.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=dynamic_mu(tokens))
-    assert torch.equal(reference_sigmas(steps, tokens), sched.sigmas)
+    sched.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=SHIFT_LINE.mu(tokens))
+    assert torch.equal(reference_sigmas(steps, tokens, SHIFT_LINE), sched.sigmas)
 
 
 def test_fixed_flow_shift_matches_diffusers():
@@ -52,7 +53,7 @@ def test_fixed_flow_shift_matches_diffusers():
 
     sched = FlowMatchEulerDiscreteScheduler(**{**QWEN_SCHEDULER, "use_dynamic_shifting": False, "shift": 3.0})
     sched.set_timesteps(sigmas=np.linspace(1.0, 1 / 10, 10))
-    assert torch.equal(reference_sigmas(10, 4096, flow_shift=3.0), sched.sigmas)
+    assert torch.equal(reference_sigmas(10, 4096, SHIFT_LINE, flow_shift=3.0), sched.sigmas)
 
 
 def test_convention_round_trip():
@@ -66,7 +67,7 @@ def test_euler_lands_on_the_data_point_for_the_exact_velocity():
     x0 = torch.randn(2, 5, 3)
     noise = torch.randn_like(x0)
     model = lambda x, s: (x - x0) / s  # noqa: E731
-    out = euler(model, noise, reference_sigmas(7, 1024))
+    out = euler(model, noise, reference_sigmas(7, 1024, SHIFT_LINE))
     torch.testing.assert_close(out, x0, atol=1e-5, rtol=0)
 
 
@@ -93,6 +94,7 @@ def test_lightning_schedule_matches_diffusers(steps):
     """The Lightning LoRAs' scheduler config (base_shift = max_shift = ln 3, shift_terminal None), as
     `--preset lightning` sets it through the family's default_sigmas."""
     import math
+    from dataclasses import replace
 
     import numpy as np
 
@@ -100,6 +102,6 @@ def test_lightning_schedule_matches_diffusers(steps):
 
     config = {**QWEN_SCHEDULER, "base_shift": math.log(3), "max_shift": math.log(3), "shift_terminal": None}
     sched = FlowMatchEulerDiscreteScheduler(**config)
-    sched.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=dynamic_mu(4096, base_shift=math.log(3), max_shift=math.log(3)))
+    sched.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=replace(SHIFT_LINE, base_shift=math.log(3), max_shift=math.log(3)).mu(4096))
     ours = get_family("qwen_image").default_sigmas(steps, 4096, base_shift=math.log(3), max_shift=math.log(3), shift_terminal=0.0)
     assert torch.equal(ours, sched.sigmas)

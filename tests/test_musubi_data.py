@@ -296,10 +296,11 @@ def _flowtuner_batches(cfg: Path) -> tuple[dict, dict, dict]:
     items = scan_caches(datasets, FAMILY)
     plan = BatchPlan(items, datasets, seed=0)
     latents, texts = {}, {}
-    for batch in make_loader(CacheDataset(items), plan, epoch=0):
+    for batch in make_loader(CacheDataset(items, FAMILY), plan, epoch=0):
         for i, key in enumerate(batch["keys"]):
             latents[key] = batch["latents"][i]
-            texts[key] = batch["embeds"][i, : int(batch["mask"][i].sum())]
+            cond = batch["cond"]
+            texts[key] = cond.embeds[i] if cond.mask is None else cond.embeds[i, : int(cond.mask[i].sum())]
     groups = {(d, bucket): Counter(items[i].key for i in members) for (d, bucket), members in plan.groups.items()}
     return latents, texts, groups
 
@@ -360,7 +361,7 @@ def test_flowtuner_written_caches_are_read_bitwise_by_musubis_training_dataset(m
         latent = _random_latent(task.bucket, gen)
         save_latent_cache(task.path, latent, FAMILY.architecture, task.size, {**task.expected, "source": {}})
         embed = torch.randn(3 + len(task.item.key), 64, generator=gen).to(torch.bfloat16)
-        save_text_cache(text_cache_path(task.dataset.cache_directory, task.item.key, ARCH), embed, FAMILY.architecture,
+        save_text_cache(text_cache_path(task.dataset.cache_directory, task.item.key, ARCH), {"varlen_vl_embed": embed}, FAMILY.architecture,
                         task.item.caption, {"caption": task.item.caption})
         written_latents[(task.dataset.index, task.item.key)] = latent
         written_texts[(task.dataset.index, task.item.key)] = embed
@@ -383,7 +384,7 @@ def test_a_cache_musubi_rewrites_is_no_longer_flowtuners(musubi, tmp_path):
 
     text, latent = tmp_path / "a_qi_te.safetensors", tmp_path / "a_0064x0064_qi.safetensors"
     expected = {"caption": "a cat", "model": "te", "recipe": "r"}
-    save_text_cache(text, torch.ones(4, 8, dtype=torch.bfloat16), "qwen_image", "a cat", expected)
+    save_text_cache(text, {"varlen_vl_embed": torch.ones(4, 8, dtype=torch.bfloat16)}, "qwen_image", "a cat", expected)
     save_latent_cache(latent, torch.ones(16, 1, 8, 8, dtype=torch.bfloat16), "qwen_image", (64, 64), {"recipe": "r"})
     assert check_cache(text, expected, None).state == "fresh"
     item = ItemInfo("a", "a cat", (64, 64), (64, 64), latent_cache_path=str(latent))

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from flowtuner.flow.samplers import FLOW, SAMPLERS, VE
+from flowtuner.families.qwen_image.family import SHIFT_LINE
 from flowtuner.flow.schedules import reference_sigmas
 
 MU, S = 0.5, 0.3
@@ -25,7 +26,7 @@ def gaussian_velocity(x, sigma):
 def test_point_mass_is_reached_exactly(name):
     x0 = torch.randn(3, 4, 2)
     model = lambda x, s: (x - x0) / s  # noqa: E731
-    out = SAMPLERS[name](model, torch.randn_like(x0), reference_sigmas(8, 1024), generator=torch.Generator().manual_seed(0))
+    out = SAMPLERS[name](model, torch.randn_like(x0), reference_sigmas(8, 1024, SHIFT_LINE), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(out, x0, atol=1e-5, rtol=0)
 
 
@@ -59,7 +60,7 @@ def test_stochastic_sampling_reaches_the_data_distribution(name):
     stds = []
     for steps in (10, 100):
         eps = torch.randn(20000, generator=torch.Generator().manual_seed(1))
-        out = SAMPLERS[name](gaussian_velocity, eps, reference_sigmas(steps, 1024), generator=torch.Generator().manual_seed(2))
+        out = SAMPLERS[name](gaussian_velocity, eps, reference_sigmas(steps, 1024, SHIFT_LINE), generator=torch.Generator().manual_seed(2))
         assert out.mean().item() == pytest.approx(MU, abs=0.01)
         stds.append(out.std().item())
     assert abs(stds[1] - S) < abs(stds[0] - S) and stds[1] == pytest.approx(S, abs=0.025)
@@ -69,7 +70,7 @@ def test_lcm_keeps_the_mean():
     """LCM re-noises the denoised estimate; with an exact MMSE model its samples are the posterior means'
     spread (narrower than the data): the mean is the property that holds."""
     eps = torch.randn(20000, generator=torch.Generator().manual_seed(1))
-    out = SAMPLERS["lcm"](gaussian_velocity, eps, reference_sigmas(8, 1024), generator=torch.Generator().manual_seed(2))
+    out = SAMPLERS["lcm"](gaussian_velocity, eps, reference_sigmas(8, 1024, SHIFT_LINE), generator=torch.Generator().manual_seed(2))
     assert out.mean().item() == pytest.approx(MU, abs=0.01) and 0 < out.std().item() < S
 
 

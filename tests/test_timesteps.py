@@ -10,13 +10,14 @@ import torch
 from flowtuner.errors import ConfigError
 from flowtuner.flow.timesteps import SAMPLERS, TimestepOptions, check_options, ignored_options, loss_weighting, sample_sigmas
 from flowtuner.flow.weighting import WEIGHTINGS, _mode_map
+from flowtuner.families.qwen_image.family import SHIFT_LINE
 
 N = 200_000
 Z90 = 1.2815516  # standard normal 90 % quantile
 
 
 def draw(name, tokens=4096, **opts):
-    opt = TimestepOptions(**opts)
+    opt = TimestepOptions(**opts, shift_line=SHIFT_LINE)  # what the trainer sets for Qwen-Image
     check_options(name, opt)
     return sample_sigmas(name, N, torch.Generator().manual_seed(0), opt, tokens)
 
@@ -105,7 +106,7 @@ def test_samplers_match_musubi_tuner_draw_for_draw(musubi, name, scheme, lo, hi)
     torch.manual_seed(11)
     noisy, _ = trainer.get_noisy_model_input_and_timesteps(args, torch.ones_like(latents), latents, None,
                                                           FlowMatchDiscreteScheduler(shift=2.2), "cpu", torch.float32)
-    opt = TimestepOptions(1.3, 2.2, 0.3, 1.2, lo, hi, False, scheme, 1.29)
+    opt = TimestepOptions(1.3, 2.2, 0.3, 1.2, lo, hi, False, scheme, 1.29, SHIFT_LINE)
     ours = sample_sigmas(name, 2048, torch.Generator().manual_seed(11), opt, 24 * 40)
     assert torch.allclose(ours, noisy[:, 0, 0, 0, 0], atol=2e-7, rtol=0)
 

@@ -4,7 +4,7 @@ Names, tensor keys, shapes and musubi's metadata are kept, so either tool reads 
   latents: {cache_dir}/{stem}_{W:04d}x{H:04d}_{arch}.safetensors  (W x H = the original image size)
            key latents_1x{h}x{w}_{dtype}: [16, 1, h, w], normalised, posterior mode
   text:    {cache_dir}/{stem}_{arch}_te.safetensors
-           key varlen_vl_embed_{dtype}: [L, D], the valid tokens after the template cut
+           the family's tensors, each key {name}_{dtype} (Qwen-Image: varlen_vl_embed_{dtype}: [L, D])
 flowtuner adds `flowtuner.*` metadata: what the cache was made from (source file identity, bucket,
 caption, model weights, recipe), and a digest of the file's content (tensors and the other metadata).
 The digest tells flowtuner's own, unchanged output from a file another tool wrote or rewrote
@@ -49,8 +49,15 @@ def latent_tensor_key(latent: torch.Tensor) -> str:
     return f"latents_{f}x{h}x{w}_{dtype_name(latent.dtype)}"
 
 
-def text_tensor_key(embed: torch.Tensor) -> str:
-    return f"varlen_vl_embed_{dtype_name(embed.dtype)}"
+def tensor_key(name: str, tensor: torch.Tensor) -> str:
+    """musubi-tuner's cache key: the tensor's name, then its dtype."""
+    return f"{name}_{dtype_name(tensor.dtype)}"
+
+
+def tensor_name(key: str) -> str:
+    """A cache key without its dtype suffix (the key itself when it has none)."""
+    name, _, suffix = key.rpartition("_")
+    return name if name and isinstance(getattr(torch, suffix, None), torch.dtype) else key
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -160,10 +167,10 @@ def save_latent_cache(path: Path, latent: torch.Tensor, architecture: str, size:
     save_cache(path, {latent_tensor_key(latent): latent}, meta, provenance)
 
 
-def save_text_cache(path: Path, embed: torch.Tensor, architecture: str, caption: str, provenance: dict) -> None:
-    """musubi-tuner's text-encoder cache: embed [L, D], the valid tokens only."""
+def save_text_cache(path: Path, tensors: dict[str, torch.Tensor], architecture: str, caption: str, provenance: dict) -> None:
+    """musubi-tuner's text-encoder cache: the family's tensors by name (the key gets the dtype suffix)."""
     meta = {"architecture": architecture, "caption1": caption, "format_version": FORMAT_VERSION}
-    save_cache(path, {text_tensor_key(embed): embed}, meta, provenance)
+    save_cache(path, {tensor_key(name, t): t for name, t in tensors.items()}, meta, provenance)
 
 
 @dataclass

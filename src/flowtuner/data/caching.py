@@ -221,8 +221,9 @@ def cache_text(datasets: list[Dataset], family: Family, paths: ModelPaths, devic
             for start in range(0, len(todo), size):
                 chunk = todo[start : start + size]
                 for task, cond in zip(chunk, encoder.encode([t.item.caption for t in chunk])):
-                    embed = torch.nan_to_num(cond.embeds[0].float()).to(CACHE_DTYPE)
-                    save_text_cache(task.path, embed, family.architecture, task.item.caption, task.expected)
+                    tensors = {name: torch.nan_to_num(t.float()).to(CACHE_DTYPE) if t.is_floating_point() else t
+                               for name, t in family.text_cache_tensors(cond).items()}
+                    save_text_cache(task.path, tensors, family.architecture, task.item.caption, task.expected)
                     summary.cached += 1
                 bar.update(len(chunk))
         del encoder

@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset as TorchDataset, Sampler
 
 from flowtuner.data.buckets import BucketSelector
-from flowtuner.data.cache import text_cache_path
+from flowtuner.data.cache import tensor_name, text_cache_path
 from flowtuner.data.config import Dataset
 from flowtuner.errors import FlowtunerError
 from flowtuner.families.base import Family
@@ -121,12 +121,23 @@ def _only(path: Path, prefix: str):
     return ckpt, keys[0]
 
 
-class CacheDataset(TorchDataset):
-    """dataset[list of item indices] -> one batch: latents [B, C, F, h, w], text embeds [B, L, D] zero-padded
-    with mask [B, L] (1 = valid token), and the item keys. Tensors are read straight into the batch."""
+def _named(ckpt, keys, path: Path, required: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """The tensors under `keys` by name without the dtype suffix; a required name missing is a cache error."""
+    tensors = {tensor_name(k): ckpt.read(k) for k in keys}
+    missing = [n for n in required if n not in tensors]
+    if missing:
+        raise CacheError(f"{path}: no {missing[0]}_* tensor (found: {', '.join(sorted(tensors)) or 'none'}); "
+                         "it was cached for another model or by another tool: re-run the caching command.")
+    return tensors
 
-    def __init__(self, items: list[CachedItem]):
-        self.items = items
+
+class CacheDataset(TorchDataset):
+    """dataset[list of item indices] -> one batch: latents [B, C, F, h, w] (read straight into the batch), the
+    family's Conditioning made from the items' text caches (and the latent caches' other tensors), and the
+    item keys."""
+
+    def __init__(self, items: list[CachedItem], family: Family):
+        self.items, self.family = items, family
 
     def __len__(self) -> int:
         return len(self.items)
@@ -134,21 +145,20 @@ class CacheDataset(TorchDataset):
     def __getitem__(self, batch: list[int]) -> dict:
         chosen = [self.items[i] for i in batch]
         lat = [_only(it.latent, "latents_") for it in chosen]
-        txt = [_only(it.text, "varlen_") for it in chosen]
         shape, dtype = lat[0][0].shape(lat[0][1]), lat[0][0].dtype(lat[0][1])
         latents = torch.empty((len(chosen), *shape), dtype=dtype)
+        extras = []
         for i, (ckpt, key) in enumerate(lat):
             if ckpt.shape(key) != shape:
                 raise CacheError(f"{ckpt.path}: latent shape {list(ckpt.shape(key))} differs from {list(shape)} in the same bucket.")
             ckpt.read(key, out=latents[i])
-        lengths = [ckpt.shape(key)[0] for ckpt, key in txt]
-        width, dim = max(lengths), txt[0][0].shape(txt[0][1])[1]
-        alloc = torch.empty if min(lengths) == width else torch.zeros
-        embeds = alloc((len(chosen), width, dim), dtype=txt[0][0].dtype(txt[0][1]))
-        for i, (ckpt, key) in enumerate(txt):
-            ckpt.read(key, out=embeds[i, : lengths[i]])
-        mask = (torch.arange(width)[None] < torch.tensor(lengths)[:, None]).long()
-        return {"latents": latents, "embeds": embeds, "mask": mask, "keys": [it.key for it in chosen]}
+            extras.append(_named(ckpt, [k for k in ckpt.keys() if k != key], ckpt.path))
+        text = []
+        for it in chosen:
+            ckpt = open_checkpoint(it.text)
+            text.append(_named(ckpt, ckpt.keys(), it.text, self.family.text_cache_names))
+        cond = self.family.cached_conditioning(text, extras)
+        return {"latents": latents, "cond": cond, "keys": [it.key for it in chosen]}
 
 
 class ThreadedLoader:

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from flowtuner.errors import ConfigError
+from flowtuner.flow.schedules import ShiftLine
 
 
 @dataclass
@@ -44,6 +45,20 @@ class Conditioning:
     embeds: torch.Tensor
     mask: torch.Tensor | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def to(self, device: torch.device | str) -> Conditioning:
+        """The same conditioning on `device`: every tensor, also inside `extra` (lists and dicts of tensors)."""
+        return Conditioning(_to(self.embeds, device), _to(self.mask, device), _to(self.extra, device))
+
+
+def _to(value, device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to(v, device) for v in value)
+    return value
 
 
 @dataclass(frozen=True)
@@ -124,6 +139,8 @@ class Family(ABC):
     lora_blocks: str
     #: musubi-tuner's --network_module for this family: accepted, and written as ss_network_module
     network_module: str
+    #: the resolution-dependent shift of its schedule (dynamic shift, and training's model-shift samplers)
+    shift_line: ShiftLine
     #: --timestep_sampling when the flag is not given
     default_timestep_sampling: str
     #: the modelspec block of trained files
@@ -131,11 +148,19 @@ class Family(ABC):
     modelspec_implementation: str
     modelspec_resolution: str
 
-    def batch_conditioning(self, batch: dict, device: torch.device) -> Conditioning:
-        """A cache loader batch -> the Conditioning `predict` takes. An all-valid mask is dropped (the
-        model then runs unmasked attention, as at inference for prompts of one length)."""
-        mask = batch["mask"].to(device)
-        return Conditioning(batch["embeds"].to(device), None if bool(mask.all()) else mask)
+    #: tensors every text cache of this family holds (names without musubi-tuner's dtype suffix)
+    text_cache_names: tuple[str, ...]
+
+    @abstractmethod
+    def text_cache_tensors(self, cond: Conditioning) -> dict[str, torch.Tensor]:
+        """One prompt's Conditioning (batch 1) -> the tensors its text cache stores, by name without the dtype
+        suffix (the cache writer appends `_<dtype>`, musubi-tuner's convention)."""
+
+    @abstractmethod
+    def cached_conditioning(self, text: list[dict[str, torch.Tensor]], latent_extras: list[dict[str, torch.Tensor]]) -> Conditioning:
+        """A batch's cached tensors -> the Conditioning `predict` takes: per item, its text cache's tensors and
+        the tensors of its latent cache other than the latents themselves (e.g. an edit model's reference
+        latents), both by name without the dtype suffix. Runs in the data loader (CPU)."""
 
     def lora_names(self) -> tuple[list[str], list[str], str]:
         """(block modules, stem modules, blocks path): the tables a LoRA file's keys are read with."""

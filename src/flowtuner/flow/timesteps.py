@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from flowtuner.errors import ConfigError
-from flowtuner.flow.schedules import dynamic_mu
+from flowtuner.flow.schedules import ShiftLine, dynamic_mu
 from flowtuner.flow.schedules import sd3_shift as shift_sigma
 from flowtuner.flow.weighting import _mode_map
 
@@ -41,6 +41,8 @@ class TimestepOptions:
     preserve_distribution_shape: bool = False
     weighting_scheme: str = "none"
     mode_scale: float = 1.29
+    #: the model's own resolution-dependent shift (the family's; set by the trainer, not a flag)
+    shift_line: ShiftLine | None = None
 
     def get(self, name: str, default: float) -> float:
         value = getattr(self, name)
@@ -114,10 +116,17 @@ def krea2_shift(n, gen, opt, tokens):
     return _shifted(n, gen, opt, _flux_mu(tokens, max_len=6400))
 
 
+def _model_mu(opt: TimestepOptions, tokens: float) -> float:
+    if opt.shift_line is None:
+        raise ConfigError("this --timestep_sampling follows the model's own shift, and no model family gave one.")
+    return opt.shift_line.mu(tokens)
+
+
 @register("qwen_shift", "sigmoid_scale")
 def qwen_shift(n, gen, opt, tokens):
-    """The inference schedule's resolution-dependent shift (without its terminal stretch)."""
-    return _shifted(n, gen, opt, dynamic_mu(tokens))
+    """The model's inference schedule's resolution-dependent shift (without its terminal stretch); musubi-tuner's
+    name, after the model it was written for."""
+    return _shifted(n, gen, opt, _model_mu(opt, tokens))
 
 
 @register("ideogram4_shift")
@@ -159,7 +168,7 @@ def qinglong_flux(n, gen, opt, tokens):
 @register("qinglong_qwen", "sigmoid_scale")
 def qinglong_qwen(n, gen, opt, tokens):
     """Per sample: 95 % qwen_shift, 5 % logSNR ~ N(5.36, 1) (low sigma: fine detail)."""
-    return _qinglong(n, gen, opt, dynamic_mu(tokens), 0.95, 0.95)
+    return _qinglong(n, gen, opt, _model_mu(opt, tokens), 0.95, 0.95)
 
 
 @register("logit_normal", "logit_mean", "logit_std")

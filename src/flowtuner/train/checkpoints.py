@@ -195,7 +195,7 @@ class Validator:
             x0, geometry = self.denoiser.from_latents(batch["latents"].to(torch.float32))
             noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1_000_003 + i))
             x0, noise = x0.to(self.device), noise.to(self.device)
-            cond = self.t.family.batch_conditioning(batch, self.device)
+            cond = batch["cond"].to(self.device)
             for s in self.sigmas:
                 sigma = torch.full((x0.shape[0],), s, device=self.device)
                 total += per_sample_loss(module, x0, noise, sigma, cond, geometry).sum().item()

@@ -92,7 +92,7 @@ class Trainer:
         # --timestep_sampling not given: the family's default, resolved here so the metadata records it
         cfg = replace(cfg, timestep_sampling=cfg.timestep_sampling or self.family.default_timestep_sampling)
         self.cfg, self.full = cfg, full
-        self.opts = cfg.timestep_options()
+        self.opts = replace(cfg.timestep_options(), shift_line=self.family.shift_line)
         check_options(cfg.timestep_sampling, self.opts)
         self.weighting = loss_weighting(cfg.timestep_sampling, cfg.weighting_scheme)  # `sigma` samples from density schemes
         self.weight_opts = {"logit_mean": cfg.logit_mean or 0.0, "logit_std": cfg.logit_std or 1.0, "mode_scale": cfg.mode_scale}
@@ -131,7 +131,7 @@ class Trainer:
             raise ConfigError("no --dataset_config given.")
         datasets = load_dataset_config(self.cfg.dataset_config)
         items = scan_caches(datasets, self.family)
-        return CacheDataset(items), BatchPlan(items, datasets, self.seed)
+        return CacheDataset(items, self.family), BatchPlan(items, datasets, self.seed)
 
     def _total_steps(self, plan: BatchPlan) -> int:
         if self.cfg.max_train_epochs:
@@ -175,7 +175,7 @@ class Trainer:
         noise = torch.randn(x0.shape, generator=gen)
         sigma = sample_sigmas(self.cfg.timestep_sampling, x0.shape[0], gen, self.opts, geometry.image_tokens)
         x0, noise, sigma_d = x0.to(device), noise.to(device), sigma.to(device)
-        per_sample = per_sample_loss(module, x0, noise, sigma_d, self.family.batch_conditioning(batch, device), geometry)
+        per_sample = per_sample_loss(module, x0, noise, sigma_d, batch["cond"].to(device), geometry)
         weights = WEIGHTINGS[self.weighting](sigma_d, self.weight_opts)
         return (weights * per_sample).mean(), sigma
 
@@ -354,7 +354,7 @@ class Trainer:
             return None
         datasets = load_dataset_config(self.cfg.validation_dataset_config)
         items = scan_caches(datasets, self.family)
-        return checkpoints.Validator(self, denoiser, CacheDataset(items), BatchPlan(items, datasets, 0), device,
+        return checkpoints.Validator(self, denoiser, CacheDataset(items, self.family), BatchPlan(items, datasets, 0), device,
                                      self.cfg.validation_timesteps)
 
     def write_curves(self, pos: Position) -> None:

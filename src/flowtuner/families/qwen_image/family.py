@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -18,11 +19,14 @@ from flowtuner.families.qwen_image.text_encoder import (
 )
 from flowtuner.families.qwen_image.tokenizer import load_tokenizer
 from flowtuner.families.qwen_image.vae import QwenImageCodec, diffusers_view, load_vae
-from flowtuner.flow.schedules import reference_sigmas
+from flowtuner.flow.schedules import ShiftLine, reference_sigmas
 from flowtuner.weights.reader import open_checkpoint
 
 VALIDATORS = {"dit": inspect_dit, "text_encoder": language_model_view, "vae": diffusers_view}
 
+# Qwen/Qwen-Image's scheduler config: the dynamic shift line and the terminal sigma
+SHIFT_LINE = ShiftLine(base_len=256, max_len=8192, base_shift=0.5, max_shift=0.9)
+SHIFT_TERMINAL = 0.02
 LATENT_CHANNELS = 16
 TEXT_WIDTH = 3584  # Qwen2.5-VL-7B hidden size
 VAE_FACTOR = 8
@@ -156,7 +160,16 @@ class QwenImageFamily(Family):
     lora_stem_modules = LORA_STEM_MODULES
     lora_blocks = "transformer_blocks"
     network_module = "networks.lora_qwen_image"
+    shift_line = SHIFT_LINE
     default_timestep_sampling = "qwen_shift"  # the shift of Qwen-Image's own schedule at each resolution (docs/training.md)
+
+    text_cache_names = ("varlen_vl_embed",)  # musubi-tuner's key: [L, D], the valid tokens after the template cut
+
+    def text_cache_tensors(self, cond: Conditioning) -> dict[str, torch.Tensor]:
+        return {"varlen_vl_embed": cond.embeds[0]}
+
+    def cached_conditioning(self, text: list[dict[str, torch.Tensor]], latent_extras: list[dict[str, torch.Tensor]]) -> Conditioning:
+        return collate([Conditioning(t["varlen_vl_embed"][None]) for t in text])
 
     def lora_default_targets(self, module: torch.nn.Module) -> list[str]:
         """Every block Linear, the modulation layers img_mod.1 / txt_mod.1 included: what musubi-tuner's
@@ -201,6 +214,6 @@ class QwenImageFamily(Family):
 
     def default_sigmas(self, steps: int, image_tokens: int, **overrides: float) -> torch.Tensor:
         """diffusers' FlowMatchEulerDiscreteScheduler as Qwen/Qwen-Image configures it."""
-        if "shift_terminal" in overrides:
-            overrides["terminal"] = overrides.pop("shift_terminal")
-        return reference_sigmas(steps, image_tokens, **overrides)
+        line = replace(self.shift_line, **{k: overrides[k] for k in ("base_shift", "max_shift") if k in overrides})
+        return reference_sigmas(steps, image_tokens, line, overrides.get("flow_shift"),
+                                 overrides.get("shift_terminal", SHIFT_TERMINAL))
