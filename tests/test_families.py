@@ -122,3 +122,39 @@ def test_model_version_selects_the_family_on_dataset_check_sigmas_and_convert_lo
         assert "--edit_plus: Qwen-Image-Edit-2509 is not available yet" in err and "\n" not in err, (argv, err)
     assert main(["sigmas", "--steps", "2", "--model_version", "original"]) == 0
     assert capsys.readouterr().out.startswith('{"reference": [1.0, ')
+
+
+def _version(tmp_path, **flags):
+    cfg = TrainConfig(**flags)
+    return resolve_model_version(cfg)
+
+
+def test_the_files_name_the_version_where_they_are_unambiguous(tmp_path, monkeypatch, caplog):
+    import json
+
+    monkeypatch.setitem(families.VERSIONS, "edit-2511", families.Version("Qwen-Image-Edit-2511", "other"))
+    monkeypatch.setitem(families.VERSIONS, "edit-2509", families.Version("Qwen-Image-Edit-2509", "other"))
+    repo = tmp_path / "repo"
+    (repo / "transformer").mkdir(parents=True)
+    (repo / "model_index.json").write_text(json.dumps({"_class_name": "QwenImageEditPlusPipeline"}))
+    (repo / "transformer" / "config.json").write_text(json.dumps({"zero_cond_t": False}))
+    assert _version(tmp_path, model=str(repo)) == "edit-2509"  # EditPlus pipeline, no zero_cond_t
+    (repo / "transformer" / "config.json").write_text(json.dumps({"zero_cond_t": True}))
+    assert _version(tmp_path, model=str(repo)) == "edit-2511"
+    assert _version(tmp_path, dit=str(repo / "transformer")) == "edit-2511"  # the transformer folder alone says it too
+    assert _version(tmp_path, model=str(repo), model_version="EDIT-2511") == "edit-2511"
+    with pytest.raises(ConfigError, match=r"^--edit_plus contradicts the model files \(.*zero_cond_t: true: Qwen-Image-Edit-2511\); "
+                                          r"drop the flag or pass --model_version edit-2511\.$"):
+        _version(tmp_path, model=str(repo), edit_plus=True)
+    (repo / "model_index.json").write_text(json.dumps({"_class_name": "QwenImageEditPipeline"}))
+    (repo / "transformer" / "config.json").write_text(json.dumps({}))
+    with pytest.raises(ConfigError, match="Qwen-Image-Edit is not available yet"):
+        _version(tmp_path, model=str(repo))  # detected, and refused in one line like the flag
+    single = tmp_path / "qwen_image_edit_2509_bf16.safetensors"
+    single.write_bytes(b"")
+    with caplog.at_level("WARNING"):
+        assert _version(tmp_path, dit=str(single)) == "original"  # a single file says nothing: musubi-tuner only warns
+        assert _version(tmp_path, dit=str(single), model_version="edit-2509") == "edit-2509"
+    warnings = [r.getMessage() for r in caplog.records]
+    assert warnings == ["the DiT file name qwen_image_edit_2509_bf16.safetensors suggests Qwen-Image-Edit, but it runs as "
+                        "Qwen-Image; pass --model_version if that is wrong."]

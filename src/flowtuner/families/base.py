@@ -73,7 +73,9 @@ class LatentGeometry:
 
 class TextEncoder(ABC):
     @abstractmethod
-    def encode(self, prompts: list[str]) -> list[Conditioning]: ...
+    def encode(self, prompts: list[str], images: list[list[Any]] | None = None) -> list[Conditioning]:
+        """One Conditioning per prompt; `images`: per prompt, its control images (PIL, RGB) for families that
+        read them with the text (edit models), None otherwise."""
 
 
 class Denoiser(ABC):
@@ -148,6 +150,8 @@ class Family(ABC):
     modelspec_implementation: str
     modelspec_resolution: str
 
+    #: control images one item / prompt may have (edit models); 0: the family takes none
+    max_controls: int = 0
     #: tensors every text cache of this family holds (names without musubi-tuner's dtype suffix)
     text_cache_names: tuple[str, ...]
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel
 
-from flowtuner.errors import WeightsError
+from flowtuner.errors import ConfigError, WeightsError
 from flowtuner.families.base import Conditioning, TextEncoder
 from flowtuner.families.identify import describe
 from flowtuner.weights.materialize import assign_weights, build_empty, check_supported_quantisation, read_dequantized, storage_dtype
@@ -119,7 +119,10 @@ class QwenTextEncoder(TextEncoder):
         return out
 
     @torch.no_grad()
-    def encode(self, prompts: list[str]) -> list[Conditioning]:
+    def encode(self, prompts: list[str], images: list[list] | None = None) -> list[Conditioning]:
+        if images and any(images):
+            raise ConfigError("control images are for the Qwen-Image-Edit models (--model_version edit, edit-2509, "
+                              "edit-2511); Qwen-Image reads text only.")
         tokens = self.tokenize(prompts)
         width = max(len(ids) for ids, _ in tokens)
         device = self.model.embed_tokens.weight.device
