@@ -5,12 +5,14 @@ later step loads it exactly as it would load the real models."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
@@ -19,6 +21,7 @@ from flowtuner.families.qwen_image.text_encoder import T2I_TEMPLATE
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
 TEXT_WIDTH = 128
+VAE_BATCH, VAE_CROP, VAE_LR = 16, 32, 6e-3
 
 
 def build_tokenizer(folder: Path, captions: list[str]) -> int:
@@ -49,7 +52,9 @@ def build_text_encoder(folder: Path, vocab: int, seed: int) -> None:
 
     torch.manual_seed(seed)
     config = Qwen2_5_VLConfig(
+        # the real model's special ids are outside this vocabulary: transformers would warn about them
         text_config=dict(vocab_size=64 * math.ceil(vocab / 64), hidden_size=TEXT_WIDTH, intermediate_size=256,
+                         bos_token_id=SPECIAL_TOKENS.index("<|endoftext|>"), eos_token_id=SPECIAL_TOKENS.index("<|im_end|>"),
                          num_hidden_layers=2, num_attention_heads=1, num_key_value_heads=1, rms_norm_eps=1e-6,
                          max_position_embeddings=4096,
                          rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]}),
@@ -81,47 +86,107 @@ def _decode_unclamped(vae, z: torch.Tensor) -> torch.Tensor:
     return out
 
 
+@contextlib.contextmanager
+def single_frame_convs(vae):
+    """Within the block, the VAE's causal 3D convolutions run as 2D ones on one-frame input. A causal
+    convolution pads time with zeros before the frame, so on a single frame only the kernel's last
+    temporal slice meets data: the 2D convolution with that slice gives the same output and the same
+    gradients (the other slices get zero either way) for a third of the work. Any other input (several
+    frames, a cached previous chunk) takes the layer's own path. Yields the number of layers switched."""
+    from diffusers.models.autoencoders.autoencoder_kl_qwenimage import QwenImageCausalConv3d
+
+    def two_d(conv):
+        original = conv.forward
+
+        def forward(x, cache_x=None):
+            if x.shape[2] != 1 or cache_x is not None:
+                return original(x, cache_x)
+            x = F.pad(x[:, :, 0], conv._padding[:4])
+            return F.conv2d(x, conv.weight[:, :, -1], conv.bias, stride=conv.stride[1:]).unsqueeze(2)
+
+        return forward
+
+    convs = [m for m in vae.modules() if isinstance(m, QwenImageCausalConv3d)
+             and m._padding[4] == m.kernel_size[0] - 1 and m.dilation == (1, 1, 1) and m.padding_mode == "zeros"]
+    for conv in convs:
+        conv.forward = two_d(conv)
+    try:
+        yield len(convs)
+    finally:
+        for conv in convs:
+            del conv.forward  # back to the class's method
+
+
+def _identity_residuals(vae) -> None:
+    """Every residual and attention block of the VAE starts as the identity (its last layer zeroed, as
+    diffusion UNets start theirs). With the default init the few-channel RMS norms of this tiny VAE wash
+    the input out of the latent (under 1 % of the latent's variance depends on the image), and training
+    sits on a plateau that outputs flat grey for a number of steps that chance decides (from 40 to over
+    1000 seen); from identity blocks every seed tried descends from the first steps."""
+    from diffusers.models.autoencoders.autoencoder_kl_qwenimage import QwenImageAttentionBlock, QwenImageResidualBlock
+
+    with torch.no_grad():
+        for m in vae.modules():
+            last = m.conv2 if isinstance(m, QwenImageResidualBlock) else m.proj if isinstance(m, QwenImageAttentionBlock) else None
+            if last is not None:
+                last.weight.zero_()
+                last.bias.zero_()
+
+
+def _crops(x: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
+    """One random size x size crop per image, at offsets on the VAE's 8-pixel grid."""
+    if size >= x.shape[-1]:
+        return x
+    offsets = (torch.randint(0, (x.shape[-1] - size) // 8 + 1, (len(x), 2), generator=gen) * 8).tolist()
+    return torch.stack([img[..., y : y + size, x0 : x0 + size] for img, (y, x0) in zip(x, offsets)])
+
+
 def train_vae(folder: Path, images: list[Path], steps: int, seed: int) -> float:
     """A tiny VAE trained for reconstruction, as a plain autoencoder on the posterior mode (the latent the
     caches use); its latent mean / std are measured on the data and stored in its config, as the real
-    one's are. Returns the final reconstruction MSE (pixels in [-1, 1])."""
+    one's are. Returns the reconstruction MSE over the whole images (pixels in [-1, 1]).
+
+    Cheap by construction (docs/performance.md has the numbers): it is fully convolutional and only has to
+    learn flat colours and edges, so it trains on 32x32 crops, with 2D convolutions (single_frame_convs),
+    from identity residual blocks."""
     from diffusers import AutoencoderKLQwenImage
 
     torch.manual_seed(seed)
     vae = AutoencoderKLQwenImage(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1, attn_scales=[],
                                  temperal_downsample=[False, True, True])
+    _identity_residuals(vae)
     data = _pixels(images)
-    opt = torch.optim.Adam(vae.parameters(), lr=3e-3, betas=(0.9, 0.99))
-    # Warm-up and clipping: without them Adam's first full-size steps sometimes knock this tiny VAE into a
-    # plateau that loses the colours (MSE 0.075 instead of 0.016, seen with torch 2.11 on a 16-core CPU),
-    # and the demo's DiT cannot draw what the VAE cannot represent.
+    opt = torch.optim.Adam(vae.parameters(), lr=VAE_LR, betas=(0.9, 0.99))
+    # Warm-up and clipping: without them Adam's first full-size steps can knock this tiny VAE into a
+    # plateau that loses the colours, and the demo's DiT cannot draw what the VAE cannot represent.
     warmup = max(1, steps // 12)
     decay = torch.optim.lr_scheduler.SequentialLR(opt, [
         torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.01, total_iters=warmup),
         torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps - warmup), eta_min=1e-4)], milestones=[warmup])
     gen = torch.Generator().manual_seed(seed)
-    losses = []
-    for _ in tqdm(range(steps), desc="training the demo VAE", unit="step"):
-        x = data[torch.randint(0, len(data), (8,), generator=gen)]
-        loss = torch.nn.functional.mse_loss(_decode_unclamped(vae, vae.encode(x).latent_dist.mode()), x)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad()
-        decay.step()
-        losses.append(loss.item())
-    with torch.no_grad():
-        z = torch.cat([vae.encode(data[i : i + 32]).latent_dist.mode() for i in range(0, len(data), 32)])
+    with single_frame_convs(vae):
+        for _ in tqdm(range(steps), desc="training the demo VAE", unit="step"):
+            x = _crops(data[torch.randint(0, len(data), (VAE_BATCH,), generator=gen)], VAE_CROP, gen)
+            loss = F.mse_loss(_decode_unclamped(vae, vae.encode(x).latent_dist.mode()), x)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad()
+            decay.step()
+        with torch.no_grad():
+            z = torch.cat([vae.encode(data[i : i + 32]).latent_dist.mode() for i in range(0, len(data), 32)])
+            mse = sum(F.mse_loss(_decode_unclamped(vae, z[i : i + 32]), data[i : i + 32], reduction="sum").item()
+                      for i in range(0, len(data), 32)) / data.numel()
     mean = z.mean(dim=(0, 2, 3, 4))
     std = z.std(dim=(0, 2, 3, 4)).clamp_min(1e-3)
     vae.register_to_config(latents_mean=mean.tolist(), latents_std=std.tolist())
     vae.save_pretrained(folder)
-    return sum(losses[-20:]) / len(losses[-20:])
+    return mse
 
 
-def build_repo(root: Path, captions: list[str], images: list[Path], seed: int, vae_steps: int, dit_layers: int) -> dict:
-    vocab = build_tokenizer(root / "tokenizer", captions)
-    build_text_encoder(root / "text_encoder", vocab, seed)
-    mse = train_vae(root / "vae", images, vae_steps, seed)
-    build_dit(root / "transformer", seed, dit_layers)
+def build_repo(root: Path, captions: list[str], images: list[Path], seed: int, vae_steps: int, dit_layers: int, clock) -> dict:
+    vocab = clock.run("tokenizer", build_tokenizer, root / "tokenizer", captions)
+    clock.run("text encoder", build_text_encoder, root / "text_encoder", vocab, seed)
+    mse = clock.run("VAE training", train_vae, root / "vae", images, vae_steps, seed)
+    clock.run("DiT", build_dit, root / "transformer", seed, dit_layers)
     return {"vocab": vocab, "vae_mse": mse}
