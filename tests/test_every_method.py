@@ -76,7 +76,7 @@ def test_every_method_in_training_previews(tmp_path, tiny_files, prompt_file):
     path, names = prompt_file
     family = get_family("qwen_image")
     paths = family.resolve_paths(model=tiny_files["repo"])
-    jobs = sample_jobs(path, family.size_step)
+    jobs = sample_jobs(path, family)
     for job in jobs:
         job.height = job.width = 64
         job.steps = 2

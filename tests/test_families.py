@@ -36,8 +36,8 @@ def other_registered(monkeypatch):
 def test_original_runs_qwen_image_and_unregistered_versions_are_refused():
     cfg = TrainConfig()
     assert resolve_model_version(cfg) == "original" and isinstance(families.family_for(cfg), QwenImageFamily)
-    cfg.model_version = "edit-2511"
-    with pytest.raises(ConfigError, match="--model_version edit-2511: Qwen-Image-Edit-2511 is not available yet"):
+    cfg.model_version = "layered"
+    with pytest.raises(ConfigError, match="--model_version layered: Qwen-Image-Layered is not available yet"):
         families.family_for(cfg)
 
 
@@ -117,9 +117,9 @@ def test_model_version_selects_the_family_on_dataset_check_sigmas_and_convert_lo
     dataset.write_text('[general]\nresolution = 64\n[[datasets]]\nimage_directory = "nowhere"\n')
     for argv in (["dataset", "check", "--dataset_config", str(dataset)], ["sigmas", "--steps", "2"],
                  ["convert-lora", str(tmp_path / "in.safetensors"), str(tmp_path / "out.safetensors"), "--format", "kohya"]):
-        assert main([*argv, "--edit_plus"]) == 2
+        assert main([*argv, "--model_version", "layered"]) == 2
         err = capsys.readouterr().err.strip()
-        assert "--edit_plus: Qwen-Image-Edit-2509 is not available yet" in err and "\n" not in err, (argv, err)
+        assert "--model_version layered: Qwen-Image-Layered is not available yet" in err and "\n" not in err, (argv, err)
     assert main(["sigmas", "--steps", "2", "--model_version", "original"]) == 0
     assert capsys.readouterr().out.startswith('{"reference": [1.0, ')
 
@@ -148,7 +148,9 @@ def test_the_files_name_the_version_where_they_are_unambiguous(tmp_path, monkeyp
         _version(tmp_path, model=str(repo), edit_plus=True)
     (repo / "model_index.json").write_text(json.dumps({"_class_name": "QwenImageEditPipeline"}))
     (repo / "transformer" / "config.json").write_text(json.dumps({}))
-    with pytest.raises(ConfigError, match="Qwen-Image-Edit is not available yet"):
+    assert _version(tmp_path, model=str(repo)) == "edit"
+    monkeypatch.setitem(families.VERSIONS, "edit", families.Version("Qwen-Image-Edit"))
+    with pytest.raises(ConfigError, match=r"model_index.json names QwenImageEditPipeline: Qwen-Image-Edit is not available yet"):
         _version(tmp_path, model=str(repo))  # detected, and refused in one line like the flag
     single = tmp_path / "qwen_image_edit_2509_bf16.safetensors"
     single.write_bytes(b"")

@@ -194,20 +194,22 @@ def test_refused_flags_are_one_line_errors(command, table):
         assert "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--model_version", "edit-2511"], "--model_version edit-2511: Qwen-Image-Edit-2511 is not available yet (the "
-                                       "Qwen-Image-Edit family is not supported by flowtuner so far)"),
-    (["--edit"], "--edit: Qwen-Image-Edit is not available yet"),
-    (["--edit", "--edit_plus"], "--edit_plus: Qwen-Image-Edit-2509 is not available yet"),
-    (["--model_version", "LAYERED"], "--model_version layered: Qwen-Image-Layered is not available yet; run"),
+@pytest.mark.parametrize("argv,version", [
+    (["--model_version", "EDIT-2511"], "edit-2511"), (["--edit"], "edit"), (["--edit", "--edit_plus"], "edit-2509"),
+    (["--edit_plus", "--model_version", "edit"], "edit"), ([], "original"),
 ])
-def test_model_versions_other_than_original_are_one_line_errors(argv, message):
+def test_model_version_resolves_as_musubi_tuner_does(argv, version):
+    assert configure(flowtuner_parse("train", argv)).model_version == version
+
+
+def test_layered_is_a_one_line_error():
     with pytest.raises(ConfigError) as err:
-        configure(flowtuner_parse("train", argv))
-    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+        configure(flowtuner_parse("train", ["--model_version", "LAYERED"]))
+    assert str(err.value).startswith("--model_version layered: Qwen-Image-Layered is not available yet; run")
+    assert "\n" not in str(err.value)
 
 
-def test_edit_version_is_refused_by_every_command(tmp_path, capsys):
+def test_layered_is_refused_by_every_command(tmp_path, capsys):
     from flowtuner.cli import main
 
     dataset = tmp_path / "d.toml"
@@ -215,9 +217,9 @@ def test_edit_version_is_refused_by_every_command(tmp_path, capsys):
     for command, extra in (("cache-latents", ["--dataset_config", str(dataset)]),
                            ("cache-text", ["--dataset_config", str(dataset)]),
                            ("train", []), ("finetune", []), ("generate", ["--prompt", "x"])):
-        assert main([command, *extra, "--model_version", "edit"]) == 2
+        assert main([command, *extra, "--model_version", "layered"]) == 2
         err = capsys.readouterr().err.strip()
-        assert "Qwen-Image-Edit is not available yet" in err and "\n" not in err, (command, err)
+        assert "Qwen-Image-Layered is not available yet" in err and "\n" not in err, (command, err)
 
 
 def test_config_file_takes_every_musubi_train_key(musubi_parsers, tmp_path, caplog):
@@ -266,14 +268,10 @@ def test_documented_commands_parse_and_configure(caplog):
     assert len(commands) == 7
     for command, argv in commands:
         args = flowtuner_parse(command, argv)
-        if "--edit" in argv:  # the Qwen-Image-Edit examples: refused in one line (a later issue adds the family)
-            with pytest.raises(ConfigError, match="Qwen-Image-Edit is not available yet"):
-                CONFIGURE[command](args)
-            continue
         cfg = CONFIGURE[command](args)
-        assert cfg.model_version == "original"
+        assert cfg.model_version == ("edit" if "--edit" in argv else "original")
         if command in ("train", "finetune"):
-            assert cfg.attn_mode == "torch" and cfg.sdpa
+            assert cfg.attn_mode == "torch" and (cfg.sdpa or "--edit" in argv)  # the edit example omits --sdpa
     train = next(argv for command, argv in commands if command == "train" and "--edit" not in argv)
     cfg = configure(flowtuner_parse("train", train))
     assert (cfg.timestep_sampling, cfg.discrete_flow_shift, cfg.learning_rate, cfg.max_data_loader_n_workers) == \

@@ -21,8 +21,9 @@ from flowtuner.families import family_for
 from flowtuner.families.base import Conditioning, Family, ModelPaths
 from flowtuner.init_images import encode_init_images, init_key, needs_codec, read_image_size
 from flowtuner.outputs import save_latent, save_png
+from flowtuner import conditioning
 from flowtuner.guidance import runs_uncond
-from flowtuner.sampling import InitImage, Job, check_sampling, check_size, prompts_of, sample_job, step_count
+from flowtuner.sampling import InitImage, Job, check_sampling, check_size, sample_job, step_count
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +31,10 @@ log = logging.getLogger(__name__)
 DEFAULT_SIZE = (1024, 1024)
 
 
-def make_jobs(cfg: GenerateConfig, size_step: int) -> list[Job]:
+def make_jobs(cfg: GenerateConfig, family: Family) -> list[Job]:
     base = {name: getattr(cfg, name) for name in sampling_fields()}
     base.update(steps=cfg.infer_steps, guidance_scale=cfg.guidance_scale, negative_prompt=cfg.negative_prompt,
-                image=cfg.image, mask=cfg.mask, strength=cfg.strength,
+                image=cfg.image, mask=cfg.mask, strength=cfg.strength, control_images=cfg.control_image_path,
                 seed=cfg.seed if cfg.seed is not None else random.randrange(2**31))
     if cfg.from_file:
         lines = read_prompt_file(cfg.from_file)
@@ -42,9 +43,11 @@ def make_jobs(cfg: GenerateConfig, size_step: int) -> list[Job]:
     else:
         raise ConfigError("no prompt: pass --prompt TEXT or --from_file FILE.")
     jobs = []
+    size_step = family.size_step
     for prompt, overrides in lines:
         settings = {**base, **overrides}
-        size = default_size(cfg.image_size, settings.get("image"), size_step)
+        family.check_controls(len(settings.get("control_images") or ()))
+        size = default_size(cfg.image_size, settings.get("image"), size_step, family, settings.get("control_images"))
         settings.setdefault("height", size[0])
         settings.setdefault("width", size[1])
         job = Job(prompt=prompt, num_images=cfg.num_images, **settings)
@@ -56,10 +59,15 @@ def make_jobs(cfg: GenerateConfig, size_step: int) -> list[Job]:
     return jobs
 
 
-def default_size(image_size: list[int] | None, image: str | None, step: int) -> tuple[int, int]:
-    """--image_size, else the --image's size floored to multiples of `step`, else 1024 x 1024."""
+def default_size(image_size: list[int] | None, image: str | None, step: int, family: Family | None = None,
+                 controls: list[str] | None = None) -> tuple[int, int]:
+    """--image_size, else the family's size for the control images (an edit model: diffusers' rule), else the
+    --image's size floored to multiples of `step`, else 1024 x 1024."""
     if image_size:
         return image_size[0], image_size[1]
+    from_controls = family.default_image_size([read_image_size(c) for c in controls]) if family and controls else None
+    if from_controls:
+        return from_controls
     if image:
         width, height = read_image_size(image)
         return max(step, height // step * step), max(step, width // step * step)
@@ -81,14 +89,10 @@ def release_cache() -> None:
         torch.cuda.empty_cache()
 
 
-def encode_prompts(family: Family, paths: ModelPaths, jobs: list[Job], device: torch.device) -> dict[str, Conditioning]:
-    """Every distinct prompt and negative prompt, encoded once."""
-    texts = prompts_of(jobs)
+def encode_prompts(family: Family, paths: ModelPaths, jobs: list[Job], device: torch.device) -> dict[tuple, Conditioning]:
+    """Every distinct (prompt or negative prompt, control images), encoded once."""
     encoder = family.load_text_encoder(paths, device)
-    conds = {}
-    for i in tqdm(range(0, len(texts), 8), desc="encoding prompts", unit="batch", disable=len(texts) <= 8):
-        chunk = texts[i : i + 8]
-        conds.update(zip(chunk, encoder.encode(chunk)))
+    conds = conditioning.encode(encoder, conditioning.keys_of(jobs))
     del encoder
     release_cache()
     return conds
@@ -124,7 +128,7 @@ def save_merged(family: Family, paths: ModelPaths, cfg: GenerateConfig) -> Path:
     return out
 
 
-def sample_all(family: Family, paths: ModelPaths, jobs: list[Job], conds: dict[str, Conditioning],
+def sample_all(family: Family, paths: ModelPaths, jobs: list[Job], conds: dict[tuple, Conditioning],
                device: torch.device, attn_mode: str, loras: list[tuple[str, float]] = (),
                inits: dict[tuple, InitImage] | None = None) -> list[tuple[Job, int, torch.Tensor]]:
     denoiser = load_denoiser_with_loras(family, paths, device, attn_mode, list(loras))
@@ -151,15 +155,17 @@ def run(cfg: GenerateConfig, family: Family | None = None) -> list[Path]:
     if cfg.save_merged_model:
         family.validate(paths, ("dit",))
         return [save_merged(family, paths, cfg)]
-    jobs = make_jobs(cfg, family.size_step)
+    jobs = make_jobs(cfg, family)
     decode = cfg.output_type in ("images", "latent_images")
-    family.validate(paths, ("text_encoder", "dit") + (("vae",) if decode or needs_codec(jobs) else ()))
+    codec_first = needs_codec(jobs) or conditioning.needs_controls(jobs)
+    family.validate(paths, ("text_encoder", "dit") + (("vae",) if decode or codec_first else ()))
     device = pick_device(cfg.device)
     conds = encode_prompts(family, paths, jobs, torch.device("cpu") if cfg.text_encoder_cpu else device)
     inits = {}
-    if needs_codec(jobs):
+    if codec_first:
         codec = family.load_codec(paths, device)
         inits = encode_init_images(codec, jobs)
+        conds = conditioning.with_controls(family, conds, codec)
         del codec
         release_cache()
     results = sample_all(family, paths, jobs, conds, device, cfg.attn_mode, lora_pairs(cfg), inits)

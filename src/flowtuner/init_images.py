@@ -14,7 +14,7 @@ from flowtuner.guidance.methods import METHODS
 from flowtuner.sampling import InitImage, Job
 
 
-def _open(path: str) -> Image.Image:
+def open_image(path: str) -> Image.Image:
     try:
         image = Image.open(path)
         image.load()
@@ -27,12 +27,12 @@ def _open(path: str) -> Image.Image:
 
 def read_image_size(path: str) -> tuple[int, int]:
     """(width, height)."""
-    return _open(path).size
+    return open_image(path).size
 
 
 def _pixels(path: str, mode: str, height: int, width: int) -> torch.Tensor:
     """[1, C, H, W] in [0, 1]; resized with Lanczos (diffusers' image processor default) when needed."""
-    image = _open(path).convert(mode)
+    image = open_image(path).convert(mode)
     if image.size != (width, height):
         image = image.resize((width, height), Image.Resampling.LANCZOS)
     array = np.asarray(image, dtype=np.float32) / 255.0

@@ -10,12 +10,13 @@ from typing import NamedTuple
 
 import torch
 
+from flowtuner.conditioning import cond_keys
 from flowtuner.config.sampling import CFG_MODES, MODEL_SAMPLINGS, SamplingConfig, ScheduleConfig
 from flowtuner.errors import ConfigError
 from flowtuner.families.base import Conditioning, Denoiser, Family
 from flowtuner.flow.model_sampling import SigmaTable
 from flowtuner.flow.samplers import SAMPLERS
-from flowtuner.guidance import guided_model, runs_uncond
+from flowtuner.guidance import guided_model
 from flowtuner.guidance.methods import LAYOUT_DIFFERS, LAYOUTS, METHODS, parse_guidance
 from flowtuner.guidance.masks import masked_model
 
@@ -38,6 +39,7 @@ class Job(SamplingConfig):
     image: str | None = None  # img2img / inpainting source
     mask: str | None = None  # white = change
     strength: float | None = None  # None: diffusers' default, 0.6
+    control_images: list[str] | None = None  # edit models: the control images, in order
     _methods: list | None = field(default=None, init=False, repr=False, compare=False)
 
     def guidance_methods(self) -> list[tuple[str, dict]]:
@@ -180,12 +182,6 @@ def step_count(family: Family, job: Job, image_tokens: int) -> int:
     return len(job_sigmas(family, job, image_tokens).sigmas) - 1
 
 
-def prompts_of(jobs: list[Job]) -> list[str]:
-    """Every distinct text the jobs encode: prompts, and negative prompts where guidance runs the unconditional pass."""
-    texts = [j.prompt for j in jobs] + [j.negative_prompt for j in jobs if runs_uncond(j.guidance_scale)]
-    return list(dict.fromkeys(texts))
-
-
 @dataclass
 class InitImage:
     """img2img source latents (the VAE's layout) and the inpainting mask (1 = change) broadcast to them."""
@@ -206,13 +202,14 @@ def mask_function(job: Job, mask: torch.Tensor, sigmas: torch.Tensor, floor: flo
 
 
 @torch.no_grad()
-def sample_job(denoiser: Denoiser, family: Family, job: Job, conds: dict[str, Conditioning], on_step=None,
+def sample_job(denoiser: Denoiser, family: Family, job: Job, conds: dict[tuple, Conditioning], on_step=None,
                init: InitImage | None = None) -> list[tuple[Job, int, torch.Tensor]]:
     geometry = denoiser.geometry(job.height, job.width)
     sigmas, floor, sampling = job_sigmas(family, job, geometry.image_tokens)
-    uncond = conds.get(job.negative_prompt) if runs_uncond(job.guidance_scale) else None
+    key, negative = cond_keys(job)
+    uncond = conds[negative] if negative is not None else None
     hooks = [m for m in job.guidance_methods() if METHODS[m[0]].stage != "mask"]
-    model = guided_model(lambda x, s, c: denoiser.predict(x, s, c, geometry), conds[job.prompt], uncond,
+    model = guided_model(lambda x, s, c: denoiser.predict(x, s, c, geometry), conds[key], uncond,
                          job.guidance_scale, denoiser.feature_dim, cfg=job.cfg_mode, methods=hooks,
                          grid=denoiser.grid(geometry), perturb=denoiser.perturbed_attention, layout=job.guidance_layout)
     device = denoiser.device  # the sampler state lives where the model's outputs do

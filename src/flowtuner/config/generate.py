@@ -26,6 +26,10 @@ class GenerateConfig(SamplingConfig, ModelVersion, ModelFiles):
                                       "into the N-step schedule, as diffusers (default 0.6)")
     mask: str | None = opt(help="with --image: inpainting mask, white = change, black = keep (binarised at 0.5; soft "
                                 "with --guidance differential_diffusion)", aliases=("mask_path",))
+    control_image_path: list[str] | None = opt(help="edit models: the control image(s), in order (Edit: one; Edit-2509 / "
+                                                    "2511: one to three); the output size defaults to diffusers' ~1 MP "
+                                                    "at the aspect ratio of the first (Edit) or last (2509 / 2511) one",
+                                               nargs="+")
     seed: int | None = opt(help="random seed (default: random); image i of --num_images uses seed + i")
     save_path: str = opt("outputs", "output folder")
     output_type: str = opt("images", "what to save", choices=("images", "latent", "latent_images"))

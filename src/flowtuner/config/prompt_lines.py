@@ -1,6 +1,6 @@
 """musubi-tuner's prompt-line syntax: `a cat --w 512 --h 512 --d 42 --s 20 --l 4.0 --n blurry --fs 3`, plus
 `--NAME VALUE` for every sampling option of `flowtuner generate` (`--sampler heun --guidance apg:eta=0.5`)
-and `--image` / `--mask` / `--strength`. A repeatable option (`--guidance`) given on a line replaces the
+and `--image` / `--mask` / `--strength`; `--ci PATH` (repeatable) gives an edit model's control images. A repeatable option (`--guidance`) given on a line replaces the
 command line's list for that line."""
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from flowtuner.errors import ConfigError
 SHORT_OPTIONS: dict[str, tuple[str, type]] = {
     "w": ("width", int), "h": ("height", int), "d": ("seed", int), "s": ("steps", int),
     "g": ("guidance_scale", float), "l": ("guidance_scale", float), "n": ("negative_prompt", str),
-    "fs": ("flow_shift", float),
+    "fs": ("flow_shift", float), "ci": ("control_images", str),
 }
-REPEATABLE = {"guidance"}
+REPEATABLE = {"guidance", "control_images"}
 
 
 def _field_type(tp) -> type:

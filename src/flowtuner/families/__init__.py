@@ -17,14 +17,18 @@ if TYPE_CHECKING:
     from flowtuner.families.base import Family
 
 
-def _lazy(module: str, cls: str) -> Callable[[], Family]:
+def _lazy(module: str, cls: str, *args) -> Callable[[], Family]:
     # the family's module imports torch and its model code: only when a command needs it
-    return lambda: getattr(importlib.import_module(module), cls)()
+    return lambda: getattr(importlib.import_module(module), cls)(*args)
 
 
+_EDIT = "flowtuner.families.qwen_image.edit_family"
 # family name -> factory
 FAMILIES: dict[str, Callable[[], Family]] = {
     "qwen_image": _lazy("flowtuner.families.qwen_image", "QwenImageFamily"),
+    "qwen_image_edit": _lazy(_EDIT, "QwenImageEditFamily", "edit"),
+    "qwen_image_edit_2509": _lazy(_EDIT, "QwenImageEditFamily", "edit-2509"),
+    "qwen_image_edit_2511": _lazy(_EDIT, "QwenImageEditFamily", "edit-2511"),
 }
 
 
@@ -41,9 +45,9 @@ class Version:
 # --model_version value (musubi-tuner's names) -> model
 VERSIONS: dict[str, Version] = {
     "original": Version("Qwen-Image", "qwen_image"),
-    "edit": Version("Qwen-Image-Edit", missing="the Qwen-Image-Edit family is not supported by flowtuner so far"),
-    "edit-2509": Version("Qwen-Image-Edit-2509", missing="the Qwen-Image-Edit family is not supported by flowtuner so far"),
-    "edit-2511": Version("Qwen-Image-Edit-2511", missing="the Qwen-Image-Edit family is not supported by flowtuner so far"),
+    "edit": Version("Qwen-Image-Edit", "qwen_image_edit"),
+    "edit-2509": Version("Qwen-Image-Edit-2509", "qwen_image_edit_2509"),
+    "edit-2511": Version("Qwen-Image-Edit-2511", "qwen_image_edit_2511"),
     "layered": Version("Qwen-Image-Layered"),
 }
 #: the version a command runs when neither a flag nor the files say

@@ -166,6 +166,22 @@ class Family(ABC):
         the tensors of its latent cache other than the latents themselves (e.g. an edit model's reference
         latents), both by name without the dtype suffix. Runs in the data loader (CPU)."""
 
+    def check_controls(self, count: int) -> None:
+        """A one-line error when a prompt's number of control images does not suit the model."""
+        if count:
+            raise ConfigError("control images (--control_image_path / --ci) are for the edit models (--model_version "
+                              "edit, edit-2509, edit-2511); this model reads text only.")
+
+    def control_conditioning(self, cond: Conditioning, images: list, codec: ImageCodec) -> Conditioning:
+        """`cond` (encoded with `images`) carrying what the denoiser needs of the control images themselves
+        (an edit model's reference latents), made with `codec`."""
+        raise ConfigError("this model takes no control images; drop --control_image_path / --ci.")
+
+    def default_image_size(self, control_sizes: list[tuple[int, int]]) -> tuple[int, int] | None:
+        """(height, width) of the output when no size is given, from the control images' (width, height); None:
+        the command's own default."""
+        return None
+
     def lora_names(self) -> tuple[list[str], list[str], str]:
         """(block modules, stem modules, blocks path): the tables a LoRA file's keys are read with."""
         return list(self.lora_block_modules), list(self.lora_stem_modules), self.lora_blocks

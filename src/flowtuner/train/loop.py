@@ -25,7 +25,7 @@ from flowtuner.families.base import Conditioning, Denoiser, LatentGeometry
 from flowtuner.flow.timesteps import check_options, loss_weighting, sample_sigmas
 from flowtuner.flow.weighting import WEIGHTINGS
 from flowtuner.generate import pick_device, release_cache
-from flowtuner.sampling import prompts_of
+from flowtuner import conditioning
 from flowtuner.train import checkpoints, previews
 from flowtuner.train.lora import LoRANetwork, kohya_name, select_modules
 from flowtuner.train.objective import per_sample_loss
@@ -201,7 +201,7 @@ class Trainer:
         total = self._total_steps(plan)
         paths = self.family.resolve_paths(dit=cfg.dit, vae=cfg.vae, text_encoder=cfg.text_encoder, tokenizer=cfg.tokenizer,
                                           model=cfg.model, comfyui_dir=cfg.comfyui_dir)
-        jobs = previews.sample_jobs(cfg.sample_prompts, self.family.size_step) if cfg.sample_prompts else []
+        jobs = previews.sample_jobs(cfg.sample_prompts, self.family) if cfg.sample_prompts else []
         self.family.validate(paths, ("dit",) + (("text_encoder", "vae") if jobs else ()))
         accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                                   cpu=(cfg.device == "cpu") or (cfg.device is None and not torch.cuda.is_available()))
@@ -328,8 +328,7 @@ class Trainer:
 
     def _encode_samples(self, paths, jobs, device) -> dict[str, Conditioning]:
         encoder = self.family.load_text_encoder(paths, device)
-        texts = prompts_of(jobs)
-        conds = dict(zip(texts, encoder.encode(texts)))
+        conds = conditioning.encode(encoder, conditioning.keys_of(jobs))
         del encoder
         release_cache()
         return conds

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from flowtuner import conditioning
 from flowtuner.config.prompt_lines import read_prompt_file
 from flowtuner.families.base import Conditioning, Denoiser, Family, ImageCodec
 from flowtuner.init_images import encode_init_images, init_key
@@ -14,20 +15,22 @@ from flowtuner.sampling import Job, check_sampling, check_size, sample_job
 SAMPLE_DEFAULTS = dict(height=256, width=256, steps=20, guidance_scale=4.0, flow_shift=None, negative_prompt=" ", seed=42)
 
 
-def sample_jobs(path: str | Path, size_step: int) -> list[Job]:
+def sample_jobs(path: str | Path, family: Family) -> list[Job]:
     jobs = []
     for i, (prompt, overrides) in enumerate(read_prompt_file(path)):
         job = Job(prompt=prompt, **{**SAMPLE_DEFAULTS, "seed": SAMPLE_DEFAULTS["seed"] + i, **overrides})
-        check_size(job.height, job.width, size_step, f"{path}: line {i + 1}: --h/--w")
+        family.check_controls(len(job.control_images or ()))
+        check_size(job.height, job.width, family.size_step, f"{path}: line {i + 1}: --h/--w")
         check_sampling(job)
         jobs.append(job)
     return jobs
 
 
 def write_samples(family: Family, denoiser: Denoiser, codec: ImageCodec, jobs: list[Job],
-                  conds: dict[str, Conditioning], folder: Path, name: str, tag: str) -> list[Path]:
+                  conds: dict[tuple, Conditioning], folder: Path, name: str, tag: str) -> list[Path]:
     out = []
     inits = encode_init_images(codec, jobs)  # prompt lines may carry --image / --mask
+    conds = conditioning.with_controls(family, conds, codec)  # and an edit model's --ci control images
     for i, job in enumerate(jobs):
         for _, seed, latent in sample_job(denoiser, family, job, conds, init=inits.get(init_key(job))):
             image = codec.decode(latent)[0]

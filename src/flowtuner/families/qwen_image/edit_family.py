@@ -1,0 +1,83 @@
+"""The Qwen-Image-Edit family (v1, 2509, 2511): Qwen-Image's adapter with control images read by the text
+encoder (edit_text.py) and given to the DiT as reference latents (edit.py). One class, one object per version."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from flowtuner.errors import ConfigError
+from flowtuner.families.base import Conditioning, ImageCodec, ModelPaths
+from flowtuner.families.paths import require
+from flowtuner.families.qwen_image.dit import load_dit
+from flowtuner.families.qwen_image.edit import QwenImageEditDenoiser, reference_latents, with_references
+from flowtuner.families.qwen_image.edit_sizes import IMAGE_COUNTS, check_image_count, default_output_size
+from flowtuner.families.qwen_image.edit_text import QwenEditTextEncoder, text_recipe
+from flowtuner.families.qwen_image.family import QwenImageFamily, set_attention
+from flowtuner.families.qwen_image.tokenizer import load_tokenizer
+from flowtuner.families.qwen_image.vision import load_vl_model, vision_view
+from flowtuner.weights.reader import open_checkpoint
+
+# musubi-tuner's latent-cache names of the control latents (without the dtype suffix): latents_control_{i}_1x{h}x{w}
+CONTROL_NAME = re.compile(r"^latents_control_(\d+)_\d+x\d+x\d+$")
+
+# --model_version -> (modelspec architecture as musubi-tuner writes it, its default resolution)
+MODELSPEC = {"edit": "Qwen-Image-Edit", "edit-2509": "Qwen-Image-Edit-Plus", "edit-2511": "Qwen-Image-Edit-2511"}
+
+
+class QwenImageEditFamily(QwenImageFamily):
+    name = "qwen_image_edit"
+    cache_arch = "qie"  # musubi-tuner: one suffix for the three versions (text caches record the version)
+    modelspec_resolution = "1024x1024"
+
+    def __init__(self, version: str):
+        self.version = version
+        self.max_controls = IMAGE_COUNTS[version][1]
+        self.modelspec_architecture = MODELSPEC[version]
+
+    def text_recipe(self) -> str:
+        return text_recipe(self.version)  # a v1 text cache is stale for 2509
+
+    def validate(self, paths: ModelPaths, slots: tuple[str, ...]) -> None:
+        super().validate(paths, slots)
+        if "text_encoder" in slots:  # edit models read the control images with the VL model's vision tower
+            vision_view(open_checkpoint(require(paths, "text_encoder")))
+
+    def load_text_encoder(self, paths: ModelPaths, device: torch.device) -> QwenEditTextEncoder:
+        te_path = require(paths, "text_encoder")
+        near = [p for p in (te_path, paths.model_root, paths.dit) if p is not None]
+        tokenizer = load_tokenizer(paths.tokenizer, [Path(p) for p in near], paths.comfyui_dir)
+        return QwenEditTextEncoder(load_vl_model(te_path, device), tokenizer, self.version)
+
+    def load_denoiser(self, paths: ModelPaths, device: torch.device, attn_mode: str = "torch") -> QwenImageEditDenoiser:
+        dit, info = load_dit(require(paths, "dit"), device)
+        set_attention(dit, attn_mode)
+        return QwenImageEditDenoiser(dit, info, self.version)
+
+    def check_controls(self, count: int) -> None:
+        check_image_count(self.version, count)
+
+    def control_conditioning(self, cond: Conditioning, images: list, codec: ImageCodec) -> Conditioning:
+        return with_references(cond, reference_latents(images, codec, self.version))
+
+    def default_image_size(self, control_sizes: list[tuple[int, int]]) -> tuple[int, int] | None:
+        if not control_sizes:
+            return None
+        width, height = default_output_size(self.version, control_sizes)
+        return height, width
+
+    def cached_conditioning(self, text: list[dict[str, torch.Tensor]], latent_extras: list[dict[str, torch.Tensor]]) -> Conditioning:
+        cond = super().cached_conditioning(text, latent_extras)
+        per_item = [sorted((int(m[1]), t) for name, t in extras.items() if (m := CONTROL_NAME.match(name))) for extras in latent_extras]
+        counts = {len(refs) for refs in per_item}
+        if counts == {0}:
+            raise ConfigError("an edit-model batch without control latents (latents_control_0_*): re-run cache-latents "
+                              "with control images in the dataset (control_directory or control_path in the JSONL).")
+        if len(counts) > 1:
+            raise ConfigError("a batch mixes items with different numbers of control images; the loader groups them "
+                              "apart, so the caches changed under it: re-run cache-latents.")
+        refs = [torch.stack([item[k][1] for item in per_item]) for k in range(counts.pop())]
+        return with_references(cond, refs)
+
