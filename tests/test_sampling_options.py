@@ -112,3 +112,23 @@ def test_help_and_docs_list_every_method(capsys):
     for name in [*SAMPLERS, *SCHEDULERS, *METHODS, *PRESETS, "reference"]:
         assert f"\n  {name} " in help_text, name
         assert f"`{name}`" in docs, name
+
+
+def test_comfy_qwen_edit_preset_is_the_official_template_and_flags_win():
+    from dataclasses import asdict
+
+    from flowtuner.cli import build_parser
+    from flowtuner.cli.generate import apply_preset, configure
+
+    def cfg(*argv):
+        parser = build_parser()
+        args = parser.parse_args(["generate", "--prompt", "x", *argv])
+        args.subcommand_argv = ["--prompt", "x", *argv]
+        sub = parser._subparsers._group_actions[0].choices["generate"]
+        return asdict(configure(apply_preset(args, sub)))
+
+    preset = cfg("--preset", "comfy-qwen-edit")
+    flags = cfg("--infer_steps", "20", "--guidance_scale", "2.5", "--scheduler", "simple", "--sampler", "euler",
+                "--model_sampling", "aura_flow", "--shift", "3", "--cfg_mode", "plain", "--guidance", "cfg_norm:strength=1")
+    assert {k: v for k, v in preset.items() if k != "preset"} == {k: v for k, v in flags.items() if k != "preset"}
+    assert cfg("--preset", "comfy-qwen-edit", "--infer_steps", "4", "--guidance_scale", "1")["infer_steps"] == 4

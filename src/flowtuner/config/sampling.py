@@ -59,6 +59,10 @@ PRESETS: dict[str, dict] = {
                   "max_shift": math.log(3), "shift_terminal": 0.0},
     # ComfyUI's Qwen-Image graphs: ModelSamplingAuraFlow 3.1, KSampler euler / simple, plain CFG.
     "comfy-qwen": {"scheduler": "simple", "sampler": "euler", "model_sampling": "aura_flow", "shift": 3.1, "cfg_mode": "plain"},
+    # ComfyUI's official Qwen-Image-Edit template (image_qwen_image_edit.json): ModelSamplingAuraFlow 3 + CFGNorm 1,
+    # KSampler 20 steps, cfg 2.5, euler / simple.
+    "comfy-qwen-edit": {"infer_steps": 20, "guidance_scale": 2.5, "scheduler": "simple", "sampler": "euler",
+                        "model_sampling": "aura_flow", "shift": 3.0, "cfg_mode": "plain", "guidance": ["cfg_norm:strength=1"]},
 }
 
 
