@@ -44,6 +44,25 @@ class BucketSelector:
         return self.buckets[errors.index(min(errors))]
 
 
+def area_bucket(width: int, height: int, resolution: tuple[int, int], step: int) -> tuple[int, int]:
+    """musubi-tuner's `BucketSelector.calculate_bucket_resolution`: the (W, H) of `resolution`'s area nearest
+    to the image's aspect ratio, sides floored to `step`, searched among five widths around the ideal one
+    (what edit datasets resize control images to under `control_resolution`)."""
+    area, ratio = resolution[0] * resolution[1], width / height
+    base_w = floor_to(int(math.sqrt(area * ratio)), step)
+    base = (base_w, floor_to(int(math.sqrt(area / ratio)), step))
+    best, best_diff = None, float("inf")
+    for i in range(-2, 3):
+        w = base_w + i * step
+        h = floor_to(area // w, step) if w > 0 else 0
+        if h <= 0:  # musubi-tuner divides by zero here; such an area holds no bucket of this width
+            continue
+        diff = abs(w / h - ratio)
+        if diff < best_diff:
+            best, best_diff = (w, h), diff
+    return best or base
+
+
 def upscale_factor(width: int, height: int, bucket: tuple[int, int]) -> float:
     return max(bucket[0] / width, bucket[1] / height)
 

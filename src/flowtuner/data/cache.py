@@ -3,10 +3,12 @@
 Names, tensor keys, shapes and musubi's metadata are kept, so either tool reads the other's caches:
   latents: {cache_dir}/{stem}_{W:04d}x{H:04d}_{arch}.safetensors  (W x H = the original image size)
            key latents_1x{h}x{w}_{dtype}: [16, 1, h, w], normalised, posterior mode
+           edit models: latents_control_{i}_1x{h}x{w}_{dtype} per control image, each at its own size
   text:    {cache_dir}/{stem}_{arch}_te.safetensors
            the family's tensors, each key {name}_{dtype} (Qwen-Image: varlen_vl_embed_{dtype}: [L, D])
 flowtuner adds `flowtuner.*` metadata: what the cache was made from (source file identity, bucket,
-caption, model weights, recipe), and a digest of the file's content (tensors and the other metadata).
+caption, model weights, recipe; the control images' identities, sizes and sizing rule), and a digest of
+the file's content (tensors and the other metadata).
 The digest tells flowtuner's own, unchanged output from a file another tool wrote or rewrote
 (musubi-tuner keeps the existing metadata when it re-caches text): only its own output is ever
 replaced or removed; any other cache is "unverified" and left alone. A cache of flowtuner's is fresh
@@ -29,6 +31,7 @@ from flowtuner.weights.writer import atomic_save_safetensors
 FORMAT_VERSION = "1.0.1"  # musubi-tuner's cache format version
 PROVENANCE_PREFIX = "flowtuner."
 CONTENT_KEY = PROVENANCE_PREFIX + "content"
+CONTROL_PREFIX = "latents_control_"
 FRESH, MISSING, STALE, UNVERIFIED, CORRUPT = "fresh", "missing", "stale", "unverified", "corrupt"
 
 
@@ -44,9 +47,14 @@ def text_cache_path(cache_dir: Path, key: str, arch: str) -> Path:
     return cache_dir / f"{key}_{arch}_te.safetensors"
 
 
-def latent_tensor_key(latent: torch.Tensor) -> str:
+def latent_tensor_key(latent: torch.Tensor, name: str = "latents") -> str:
     _, f, h, w = latent.shape
-    return f"latents_{f}x{h}x{w}_{dtype_name(latent.dtype)}"
+    return f"{name}_{f}x{h}x{w}_{dtype_name(latent.dtype)}"
+
+
+def control_tensor_key(index: int, latent: torch.Tensor) -> str:
+    """musubi-tuner's key of an edit model's i-th control latent."""
+    return latent_tensor_key(latent, f"{CONTROL_PREFIX}{index}")
 
 
 def tensor_key(name: str, tensor: torch.Tensor) -> str:
@@ -161,10 +169,13 @@ def save_cache(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str,
     atomic_save_safetensors(tensors, path, meta)
 
 
-def save_latent_cache(path: Path, latent: torch.Tensor, architecture: str, size: tuple[int, int], provenance: dict) -> None:
-    """musubi-tuner's latent cache: latent [C, F, h, w]; `size` = the original image's (W, H)."""
+def save_latent_cache(path: Path, latent: torch.Tensor, architecture: str, size: tuple[int, int], provenance: dict,
+                      controls: list[torch.Tensor] = ()) -> None:
+    """musubi-tuner's latent cache: latent [C, F, h, w], and an edit model's control latents in order;
+    `size` = the original image's (W, H)."""
     meta = {"architecture": architecture, "width": str(size[0]), "height": str(size[1]), "format_version": FORMAT_VERSION}
-    save_cache(path, {latent_tensor_key(latent): latent}, meta, provenance)
+    tensors = {latent_tensor_key(latent): latent, **{control_tensor_key(i, c): c for i, c in enumerate(controls)}}
+    save_cache(path, tensors, meta, provenance)
 
 
 def save_text_cache(path: Path, tensors: dict[str, torch.Tensor], architecture: str, caption: str, provenance: dict) -> None:
@@ -179,12 +190,22 @@ class Status:
     reason: str = ""
 
 
-def check_cache(path: Path, expected: dict, source: Path | None) -> Status:
+def _file_changed(recorded: dict | None, path: Path) -> bool:
+    """Whether `path` differs from its recorded identity: size, then content hash when the mtime moved (a
+    touched but unchanged file has not changed)."""
+    recorded = recorded or {}
+    st = path.stat()
+    if recorded.get("size") != st.st_size:
+        return True
+    return recorded.get("mtime_ns") != st.st_mtime_ns and recorded.get("sha256") != sha256_file(path)
+
+
+def check_cache(path: Path, expected: dict, source: Path | None, controls: list[Path] = ()) -> Status:
     """Compare a cache file's provenance with what it would be made from now.
 
     A file that is not flowtuner's own, unchanged output is UNVERIFIED (left alone, whatever it holds).
-    `expected` holds everything but the source identity; the source is compared by size and mtime,
-    and only when the mtime differs, by content hash (a touched but unchanged file stays fresh)."""
+    `expected` holds everything but the identities of the files it is made from: the source image and the
+    control images, each compared by `_file_changed`."""
     if not path.exists():
         return Status(MISSING)
     try:
@@ -202,19 +223,17 @@ def check_cache(path: Path, expected: dict, source: Path | None) -> Status:
     for key, value in expected.items():
         if have.get(key) != value:
             return Status(STALE, f"{key} changed")
-    if source is not None:
-        old = have.get("source") or {}
-        st = source.stat()
-        if old.get("size") != st.st_size:
-            return Status(STALE, "source image changed")
-        if old.get("mtime_ns") != st.st_mtime_ns and old.get("sha256") != sha256_file(source):
-            return Status(STALE, "source image changed")
+    if source is not None and _file_changed(have.get("source"), source):
+        return Status(STALE, "source image changed")
+    recorded = have.get("control_sources") or []
+    if controls and (len(recorded) != len(controls) or any(_file_changed(r, c) for r, c in zip(recorded, controls))):
+        return Status(STALE, "control image changed")
     return Status(FRESH)
 
 
 def shape_of_latent_cache(path: Path) -> tuple[int, ...]:
     ckpt = open_checkpoint(path)
-    keys = [k for k in ckpt.keys() if k.startswith("latents_") and not k.startswith("latents_control_")]
+    keys = [k for k in ckpt.keys() if k.startswith("latents_") and not k.startswith(CONTROL_PREFIX)]
     if len(keys) != 1:
         raise ValueError(f"{path}: expected one latents_* tensor, found {len(keys)}")
     return ckpt.shape(keys[0])

@@ -1,5 +1,6 @@
 """`cache-latents` and `cache-text`: compute exactly the missing or stale cache files, write each
-atomically, and report. Only flowtuner's own, unchanged files are ever replaced or removed (their
+atomically, and report. Edit models' control images go into the same caches (data/controls.py: which
+ones, at which size). Only flowtuner's own, unchanged files are ever replaced or removed (their
 content digest proves it); a cache another tool wrote is left alone and reported. Model-agnostic: the
 family supplies the encoders and the naming."""
 
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 from flowtuner.data.buckets import BucketSelector, resize_to_bucket
@@ -22,6 +24,7 @@ from flowtuner.data.cache import (
     source_identity, text_cache_path, weights_identity, written_by_flowtuner,
 )
 from flowtuner.data.config import Dataset
+from flowtuner.data.controls import ControlPlan, control_pixels, control_rule, control_size, plan_controls
 from flowtuner.data.images import ImageReadError, read_info, read_rgb
 from flowtuner.data.sources import Item, collect_items
 from flowtuner.families.base import Family, ModelPaths
@@ -49,10 +52,12 @@ class CacheSummary:
     unverified_reasons: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     foreign_orphans: list[Path] = field(default_factory=list)  # not produced by the dataset, not flowtuner's: kept
     failed: list[tuple[Path, str]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # dataset-wide decisions (e.g. control images ignored)
 
     def lines(self) -> list[str]:
         out = [f"{self.kind} caches: {self.total} items: {self.cached} cached, {self.fresh} fresh (skipped), "
                f"{self.unverified} unverified (not flowtuner's, kept), {len(self.failed)} failed, {self.removed} removed"]
+        out += [f"  warning: {w}" for w in self.warnings]
         if self.kept_stale:
             out.append(f"  {self.kept_stale} stale caches kept because of --skip_existing")
         out += [f"  recomputed: {n} x {reason}" for reason, n in sorted(self.stale_reasons.items())]
@@ -73,6 +78,8 @@ class Task:
     expected: dict
     bucket: tuple[int, int] | None = None
     size: tuple[int, int] | None = None  # original image (W, H)
+    controls: list[Path] = field(default_factory=list)  # the control images the model reads, in order
+    control_sizes: list[tuple[int, int]] = field(default_factory=list)  # (W, H) each is cached at
 
 
 def _sweep_temp_files(folder: Path) -> None:
@@ -86,7 +93,8 @@ def _triage(tasks: list[Task], summary: CacheSummary, skip_existing: bool, with_
     hashes its file's content (hashlib releases the GIL), about 3 ms per 1024x1024 latent + text pair."""
     todo = []
     with ThreadPoolExecutor(CHECK_THREADS) as pool:
-        statuses = list(pool.map(lambda t: check_cache(t.path, t.expected, t.item.image if with_source else None), tasks))
+        statuses = list(pool.map(lambda t: check_cache(t.path, t.expected, t.item.image if with_source else None, t.controls),
+                                 tasks))
     for task, status in zip(tasks, statuses):
         if status.state == FRESH:
             summary.fresh += 1
@@ -120,29 +128,104 @@ def _remove_orphans(datasets: list[Dataset], keep: dict[Path, set[Path]], protec
                 summary.foreign_orphans.append(path)
 
 
+class _Refused(Exception):
+    """An item that cannot be cached: (the file to name, why)."""
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(reason)
+        self.path, self.reason = path, reason
+
+
+def _controls_of(ds: Dataset, item: Item, plan: ControlPlan, bucket, step: int) -> tuple[list[Path], list[tuple[int, int]]]:
+    """(control images, the (W, H) each is cached at) of an item; raises _Refused."""
+    if item.key in plan.refused:
+        raise _Refused(item.image, plan.refused[item.key])
+    controls, sizes = plan.controls.get(item.key, []), []
+    for control in controls:
+        try:
+            info = read_info(control)
+        except ImageReadError as exc:
+            raise _Refused(item.image, f"control image {control}: {exc.reason}") from None
+        size = control_size(ds, bucket, (info.width, info.height), step)
+        if min(size) < step:
+            raise _Refused(item.image, f"control image {control} is {info.width}x{info.height}: under {step} px once "
+                                       f"floored to multiples of {step} (no_resize_control); use a larger image")
+        sizes.append(size)
+    return controls, sizes
+
+
+def _control_record(ds: Dataset, sizes: list[tuple[int, int]], family: Family) -> dict:
+    """The provenance entries of the controls (none for a family that reads no control image, so the caches of
+    text-to-image models keep their record)."""
+    if family.max_controls == 0:
+        return {}
+    rule = {"control_rule": control_rule(ds)} if sizes else {}  # an item without controls does not depend on it
+    return {**rule, "control_sizes": [list(s) for s in sizes]}
+
+
+def _dataset_plan(ds: Dataset, items: list[Item], family: Family, summary: CacheSummary) -> ControlPlan:
+    plan = plan_controls(items, family.max_controls)
+    summary.warnings += [f"{ds.name}: {w}" for w in plan.warnings]
+    return plan
+
+
 def _latent_tasks(datasets, family, vae_id, summary, protected) -> list[Task]:
     tasks = []
     for ds in datasets:
         items, _ = collect_items(ds)
+        plan = _dataset_plan(ds, items, family, summary)
         selector = BucketSelector(ds.resolution, ds.enable_bucket, ds.bucket_no_upscale, family.size_step)
         for item in items:
             try:
-                info = read_info(item.image)
-            except ImageReadError as exc:
+                try:
+                    info = read_info(item.image)
+                except ImageReadError as exc:
+                    raise _Refused(exc.path, exc.reason) from None
+                bucket = selector.select(info.width, info.height)
+                controls, sizes = _controls_of(ds, item, plan, bucket, family.size_step)
+            except _Refused as exc:
                 summary.failed.append((exc.path, exc.reason))
                 protected[ds.cache_directory].add(item.key)
                 continue
-            bucket = selector.select(info.width, info.height)
             path = latent_cache_path(ds.cache_directory, item.key, (info.width, info.height), family.cache_arch)
-            expected = {"bucket": list(bucket), "model": vae_id, "recipe": LATENT_RECIPE}
-            tasks.append(Task(ds, item, path, expected, bucket, (info.width, info.height)))
+            expected = {"bucket": list(bucket), "model": vae_id, "recipe": LATENT_RECIPE, **_control_record(ds, sizes, family)}
+            tasks.append(Task(ds, item, path, expected, bucket, (info.width, info.height), controls, sizes))
     return tasks
 
 
+@dataclass
+class Loaded:
+    target: np.ndarray
+    controls: list[np.ndarray]
+
+
+def _load_controls(task: Task) -> list[np.ndarray]:
+    """The task's control images as cached ([H, W, 3] uint8 each); raises _Refused naming the control."""
+    out = []
+    for control, size in zip(task.controls, task.control_sizes):
+        try:
+            out.append(control_pixels(control, size))
+        except ImageReadError as exc:
+            raise _Refused(task.item.image, f"control image {control}: {exc.reason}") from None
+    return out
+
+
 def _load_for_bucket(task: Task) -> tuple[Task, np.ndarray | str]:
+    """The target image as the VAE gets it ([H, W, 3] uint8), or why it cannot be read."""
     try:
         return task, resize_to_bucket(read_rgb(task.item.image), task.bucket)
     except ImageReadError as exc:
+        return task, exc.reason
+
+
+def _load(task: Task) -> tuple[Task, Loaded | str]:
+    """The target and its control images as the VAE gets them, or why one cannot be read."""
+    task, target = _load_for_bucket(task)
+    if isinstance(target, str):
+        return task, target
+    try:
+        return task, Loaded(target, _load_controls(task))
+    except _Refused as exc:
         return task, exc.reason
 
 
@@ -166,7 +249,7 @@ def cache_latents(datasets: list[Dataset], family: Family, paths: ModelPaths, de
             for group in by_bucket.values():
                 size = batch_size or group[0].dataset.batch_size
                 for start in range(0, len(group), size):
-                    loaded = list(pool.map(_load_for_bucket, group[start : start + size]))
+                    loaded = list(pool.map(_load, group[start : start + size]))
                     _encode_and_write(codec, loaded, family, summary)
                     bar.update(len(loaded))
         del codec
@@ -178,7 +261,7 @@ def cache_latents(datasets: list[Dataset], family: Family, paths: ModelPaths, de
     return summary
 
 
-def _encode_and_write(codec, loaded: list[tuple[Task, np.ndarray | str]], family: Family, summary: CacheSummary) -> None:
+def _encode_and_write(codec, loaded: list[tuple[Task, Loaded | str]], family: Family, summary: CacheSummary) -> None:
     good = []
     for task, result in loaded:
         if isinstance(result, str):
@@ -187,31 +270,91 @@ def _encode_and_write(codec, loaded: list[tuple[Task, np.ndarray | str]], family
             good.append((task, result))
     if not good:
         return
-    pixels = torch.from_numpy(np.stack([a for _, a in good])).permute(0, 3, 1, 2).float() / 255.0
+    pixels = torch.from_numpy(np.stack([r.target for _, r in good])).permute(0, 3, 1, 2).float() / 255.0
     latents = codec.encode(pixels).to(torch.float32).cpu()
-    for (task, _), latent in zip(good, latents):
-        latent = torch.nan_to_num(latent).to(CACHE_DTYPE)
-        save_latent_cache(task.path, latent, family.architecture, task.size,
-                          {**task.expected, "source": source_identity(task.item.image)})
+    for (task, result), latent in zip(good, latents):
+        # each control on its own: controls of one batch may differ in size (musubi-tuner encodes them so too)
+        controls = [_as_cached(codec.encode(_to_unit(c))[0]) for c in result.controls]
+        provenance = {**task.expected, "source": source_identity(task.item.image)}
+        if task.controls:
+            provenance["control_sources"] = [source_identity(c) for c in task.controls]
+        save_latent_cache(task.path, _as_cached(latent), family.architecture, task.size, provenance, controls)
+        summary.cached += 1
+
+
+def _to_unit(array: np.ndarray) -> torch.Tensor:
+    """[H, W, 3] uint8 -> the codec's input [1, 3, H, W] in [0, 1]."""
+    return torch.from_numpy(array).permute(2, 0, 1)[None].float() / 255.0
+
+
+def _as_cached(latent: torch.Tensor) -> torch.Tensor:
+    return torch.nan_to_num(latent.to(torch.float32).cpu()).to(CACHE_DTYPE)
+
+
+def _text_tasks(datasets: list[Dataset], family: Family, te_id: str, summary: CacheSummary, protected) -> list[Task]:
+    recipe, tasks = family.text_recipe(), []
+    for ds in datasets:
+        _sweep_temp_files(ds.cache_directory)
+        items, _ = collect_items(ds)
+        plan = _dataset_plan(ds, items, family, summary)
+        selector = BucketSelector(ds.resolution, ds.enable_bucket, ds.bucket_no_upscale, family.size_step)
+        for item in items:
+            try:
+                if item.caption is None:
+                    raise _Refused(item.image, "missing or empty caption")
+                controls, sizes = _text_controls(ds, item, plan, selector, family.size_step)
+            except _Refused as exc:
+                summary.failed.append((exc.path, exc.reason))
+                protected[ds.cache_directory].add(item.key)
+                continue
+            path = text_cache_path(ds.cache_directory, item.key, family.cache_arch)
+            expected = {"caption": item.caption, "model": te_id, "recipe": recipe, **_control_record(ds, sizes, family)}
+            tasks.append(Task(ds, item, path, expected, controls=controls, control_sizes=sizes))
+    return tasks
+
+
+def _text_controls(ds: Dataset, item: Item, plan: ControlPlan, selector: BucketSelector, step: int):
+    """An item's controls for its text cache: the text encoder sees them as the latent cache holds them, so the
+    target's bucket is needed (the default sizing rule) when there are any."""
+    if not plan.controls.get(item.key) and item.key not in plan.refused:
+        return [], []
+    try:
+        info = read_info(item.image)
+    except ImageReadError as exc:
+        raise _Refused(exc.path, exc.reason) from None
+    return _controls_of(ds, item, plan, selector.select(info.width, info.height), step)
+
+
+def _encode_text_chunk(encoder, chunk: list[Task], family: Family, summary: CacheSummary) -> None:
+    ready, images = [], []
+    for task in chunk:
+        try:
+            images.append([Image.fromarray(a) for a in _load_controls(task)])
+            ready.append(task)
+        except _Refused as exc:
+            summary.failed.append((exc.path, exc.reason))
+    if not ready:
+        return
+    captions = [t.item.caption for t in ready]
+    conds = encoder.encode(captions, images=images) if family.max_controls else encoder.encode(captions)
+    for task, cond in zip(ready, conds):
+        tensors = {name: torch.nan_to_num(t.float()).to(CACHE_DTYPE) if t.is_floating_point() else t
+                   for name, t in family.text_cache_tensors(cond).items()}
+        provenance = dict(task.expected)
+        if task.controls:
+            provenance["control_sources"] = [source_identity(c) for c in task.controls]
+        save_text_cache(task.path, tensors, family.architecture, task.item.caption, provenance)
         summary.cached += 1
 
 
 def cache_text(datasets: list[Dataset], family: Family, paths: ModelPaths, device: torch.device,
                batch_size: int | None = None, skip_existing: bool = False, keep_cache: bool = False) -> CacheSummary:
+    """Text-encoder caches; for a family that reads control images with the text (edit models), each caption is
+    encoded with its item's controls, resized as the latent cache resizes them."""
     family.validate(paths, ("text_encoder",))
     te_id = weights_identity(open_checkpoint(require(paths, "text_encoder")))
-    recipe = family.text_recipe()
-    summary, protected, tasks = CacheSummary("text"), defaultdict(set), []
-    for ds in datasets:
-        _sweep_temp_files(ds.cache_directory)
-        items, problems = collect_items(ds)
-        for item in items:
-            if item.caption is None:
-                summary.failed.append((item.image, "missing or empty caption"))
-                protected[ds.cache_directory].add(item.key)
-                continue
-            path = text_cache_path(ds.cache_directory, item.key, family.cache_arch)
-            tasks.append(Task(ds, item, path, {"caption": item.caption, "model": te_id, "recipe": recipe}))
+    summary, protected = CacheSummary("text"), defaultdict(set)
+    tasks = _text_tasks(datasets, family, te_id, summary, protected)
     summary.total = len(tasks) + len(summary.failed)
     todo = _triage(tasks, summary, skip_existing, with_source=False)
     if todo:
@@ -220,11 +363,7 @@ def cache_text(datasets: list[Dataset], family: Family, paths: ModelPaths, devic
         with tqdm(total=len(todo), desc="caching text", unit="caption") as bar:
             for start in range(0, len(todo), size):
                 chunk = todo[start : start + size]
-                for task, cond in zip(chunk, encoder.encode([t.item.caption for t in chunk])):
-                    tensors = {name: torch.nan_to_num(t.float()).to(CACHE_DTYPE) if t.is_floating_point() else t
-                               for name, t in family.text_cache_tensors(cond).items()}
-                    save_text_cache(task.path, tensors, family.architecture, task.item.caption, task.expected)
-                    summary.cached += 1
+                _encode_text_chunk(encoder, chunk, family, summary)
                 bar.update(len(chunk))
         del encoder
     keep = defaultdict(set)

@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from flowtuner.data.buckets import BucketSelector, resize_to_bucket, upscale_factor
 from flowtuner.data.config import Dataset
+from flowtuner.data.controls import ControlPlan, control_size, decode_control, plan_controls
 from flowtuner.data.images import ORIENTATIONS, ImageReadError, decode, read_rgb
 from flowtuner.data.sources import Item, Problem, collect_items
 
@@ -43,6 +44,8 @@ class _Inspected:
     digest: str | None = None
     error: str | None = None
     notes: list[str] = field(default_factory=list)  # warnings about how the image is read
+    controls: list[tuple[Path, tuple[int, int] | None, str | None, list[str]]] = field(default_factory=list)
+    # per control image the model reads: (path, size, error, notes)
 
 
 def _orientation_note(orientation: int) -> list[str]:
@@ -52,26 +55,55 @@ def _orientation_note(orientation: int) -> list[str]:
             "(musubi-tuner's behaviour, kept so both tools make the same cache); save it upright to train it as shown"]
 
 
-def _inspect(item: Item) -> _Inspected:
-    """The image fully decoded: its size, content hash, and how flowtuner's reading of it is special."""
+def _inspect(item: Item, controls: list[Path]) -> _Inspected:
+    """The image fully decoded: its size, content hash, and how flowtuner's reading of it is special; the same
+    for each of its control images the model reads."""
+    checked = [_inspect_control(c) for c in controls]
     try:
         decoded = decode(item.image)
     except ImageReadError as exc:
-        return _Inspected(item, error=exc.reason)
+        return _Inspected(item, error=exc.reason, controls=checked)
     notes = _orientation_note(decoded.orientation)
     notes += [f"{d}, so the two tools' caches of this image differ" for d in decoded.differences]
-    return _Inspected(item, decoded.image.size, hashlib.sha256(item.image.read_bytes()).hexdigest(), notes=notes)
+    return _Inspected(item, decoded.image.size, hashlib.sha256(item.image.read_bytes()).hexdigest(), notes=notes,
+                      controls=checked)
 
 
-def check_dataset(ds: Dataset, size_step: int, estimate_cache, num_workers: int = 2) -> DatasetReport:
+def _inspect_control(path: Path) -> tuple[Path, tuple[int, int] | None, str | None, list[str]]:
+    try:
+        decoded = decode_control(path)
+    except ImageReadError as exc:
+        return path, None, exc.reason, []
+    return path, decoded.image.size, None, decoded.notes
+
+
+def _control_problems(found: _Inspected, plan: ControlPlan) -> list[Problem]:
+    """Control images are named through their target: the item is what fails to cache."""
+    item, out = found.item, []
+    if item.key in plan.refused:
+        out.append(Problem("error", item.image, plan.refused[item.key]))
+    for path, _, error, notes in found.controls:
+        if error:
+            out.append(Problem("error", item.image, f"control image {path}: {error}"))
+        out += [Problem("warning", item.image, f"control image {path}: {note}") for note in notes]
+    return out
+
+
+def check_dataset(ds: Dataset, size_step: int, estimate_cache, num_workers: int = 2, max_controls: int = 0) -> DatasetReport:
+    """`max_controls`: control images the model reads per item (the family's); 0 = it reads none, and a
+    dataset's controls are reported as ignored."""
     items, problems = collect_items(ds)
     report = DatasetReport(ds, items, problems)
+    plan = plan_controls(items, max_controls)
+    where = ds.control_directory or ds.image_jsonl_file or ds.image_directory
+    problems += [Problem("warning", where, w) for w in plan.warnings]
     selector = BucketSelector(ds.resolution, ds.enable_bucket, ds.bucket_no_upscale, size_step)
     seen: dict[str, Path] = {}
     with ThreadPoolExecutor(max(1, num_workers)) as pool:
-        results = list(tqdm(pool.map(_inspect, items), total=len(items), desc=f"checking {ds.name}", unit="img",
-                            disable=len(items) < 50))
+        work = pool.map(lambda it: _inspect(it, [c for c in plan.controls.get(it.key, []) if c.exists()]), items)
+        results = list(tqdm(work, total=len(items), desc=f"checking {ds.name}", unit="img", disable=len(items) < 50))
     for found in results:
+        problems += _control_problems(found, plan)
         item, size, digest = found.item, found.size, found.digest
         if found.error:
             problems.append(Problem("error", item.image, found.error))
@@ -87,7 +119,8 @@ def check_dataset(ds: Dataset, size_step: int, estimate_cache, num_workers: int 
             problems.append(Problem("warning", item.image, f"same content as {seen[digest]}"))
         seen.setdefault(digest, item.image)
         latent, text = estimate_cache(bucket, item.caption or "")
-        report.latent_bytes += latent
+        report.latent_bytes += latent + sum(estimate_cache(control_size(ds, bucket, c_size, size_step), "")[0]
+                                            for _, c_size, _, _ in found.controls if c_size)
         report.text_bytes += text
     return report
 

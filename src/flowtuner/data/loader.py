@@ -1,4 +1,5 @@
-"""The training data: batches over cache files, every batch from one bucket of one dataset.
+"""The training data: batches over cache files, every batch from one bucket of one dataset, and for edit
+models one count and one set of shapes of control latents (musubi-tuner's grouping: a batch stacks).
 
 Order is a pure function of (seed, epoch), so a run restarted at (epoch, batch) sees exactly the
 batches an uninterrupted run would have seen, whatever the number of worker processes.
@@ -17,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset as TorchDataset, Sampler
 
 from flowtuner.data.buckets import BucketSelector
-from flowtuner.data.cache import tensor_name, text_cache_path
+from flowtuner.data.cache import CONTROL_PREFIX, tensor_name, text_cache_path
 from flowtuner.data.config import Dataset
 from flowtuner.errors import FlowtunerError
 from flowtuner.families.base import Family
@@ -38,6 +39,7 @@ class CachedItem:
     text: Path
     bucket: tuple[int, int]  # (W, H) in pixels
     dataset: int
+    controls: tuple[str, ...] = ()  # control latents' names with shapes (latents_control_0_1x8x8, ...), sorted
 
 
 def scan_caches(datasets: list[Dataset], family: Family) -> list[CachedItem]:
@@ -60,6 +62,7 @@ def scan_caches(datasets: list[Dataset], family: Family) -> list[CachedItem]:
                 continue
             bucket = selector.select(int(m["w"]), int(m["h"]))
             ckpt, key = _only(latent, "latents_")
+            controls = tuple(sorted(tensor_name(k) for k in ckpt.keys() if k.startswith(CONTROL_PREFIX)))
             shape = ckpt.shape(key)
             h, w = shape[-2] * family.latent_scale, shape[-1] * family.latent_scale
             if (w, h) != bucket:
@@ -67,7 +70,7 @@ def scan_caches(datasets: list[Dataset], family: Family) -> list[CachedItem]:
                     f"{latent}: cached at {w}x{h}, but the dataset config now puts this image in bucket "
                     f"{bucket[0]}x{bucket[1]}; re-run cache-latents (it recomputes stale caches)."
                 )
-            items.append(CachedItem(m["key"], latent, text, bucket, ds.index))
+            items.append(CachedItem(m["key"], latent, text, bucket, ds.index, controls))
     if missing_text:  # cache-text reported why (e.g. a missing caption); train on the rest
         log.warning("%d latent caches have no text cache and are left out (e.g. %s); run cache-text.",
                     len(missing_text), missing_text[0])
@@ -77,27 +80,29 @@ def scan_caches(datasets: list[Dataset], family: Family) -> list[CachedItem]:
 
 
 class BatchPlan:
-    """Which items form which batch, per epoch: shuffled within (dataset, bucket), then batch order shuffled."""
+    """Which items form which batch, per epoch: shuffled within (dataset, bucket, control latents), then batch
+    order shuffled. Items without controls group by (dataset, bucket) alone, so a text-to-image plan is what it
+    was before edit models (the same groups in the same order: resumed runs see the same batches)."""
 
     def __init__(self, items: list[CachedItem], datasets: list[Dataset], seed: int):
         self.seed = seed
         by_index = {ds.index: ds for ds in datasets}
         self.groups: dict[tuple, list[int]] = defaultdict(list)
         for i, item in enumerate(items):
-            self.groups[(item.dataset, item.bucket)].extend([i] * by_index[item.dataset].num_repeats)
+            self.groups[(item.dataset, item.bucket, *item.controls)].extend([i] * by_index[item.dataset].num_repeats)
         self.batch_sizes = {ds.index: ds.batch_size for ds in datasets}
 
     def epoch(self, epoch: int) -> list[list[int]]:
         rng = np.random.default_rng([self.seed, epoch])
         batches = []
-        for (dataset, _), members in sorted(self.groups.items()):
+        for key, members in sorted(self.groups.items()):
             order = rng.permutation(members).tolist()
-            size = self.batch_sizes[dataset]
+            size = self.batch_sizes[key[0]]
             batches += [order[i : i + size] for i in range(0, len(order), size)]
         return [batches[i] for i in rng.permutation(len(batches))]
 
     def __len__(self) -> int:
-        return sum(-(-len(m) // self.batch_sizes[d]) for (d, _), m in self.groups.items())
+        return sum(-(-len(m) // self.batch_sizes[key[0]]) for key, m in self.groups.items())
 
 
 class PlanSampler(Sampler):
@@ -115,7 +120,7 @@ class PlanSampler(Sampler):
 
 def _only(path: Path, prefix: str):
     ckpt = open_checkpoint(path)
-    keys = [k for k in ckpt.keys() if k.startswith(prefix) and not k.startswith("latents_control_")]
+    keys = [k for k in ckpt.keys() if k.startswith(prefix) and not k.startswith(CONTROL_PREFIX)]
     if len(keys) != 1:
         raise CacheError(f"{path}: expected one {prefix}* tensor, found {len(keys)}; re-run the caching command.")
     return ckpt, keys[0]

@@ -49,17 +49,24 @@ def _skipped_images(folder: Path) -> list[Problem]:
             if p.is_file() and not p.name.startswith(".") and not is_image_name(p) and p.suffix.lower() in known]
 
 
-def _control_order(stem: str, path: Path) -> tuple[int, int, str]:
+def _control_order(stem: str, path: Path) -> int | None:
+    """musubi-tuner's order: `<stem>.*` first, then `<stem>_<N>.*` by N; None: not a control of `stem`."""
     rest = path.stem[len(stem):]
     if rest == "":
-        return (0, 0, path.name)
-    m = re.fullmatch(r"_(\d+)", rest)
-    return (1, int(m.group(1)) if m else 1 << 30, path.name)
+        return 0
+    return int(rest[1:]) + 1 if re.fullmatch(r"_\d+", rest) else None
 
 
-def _controls_for(stem: str, candidates: list[Path]) -> list[Path]:
-    mine = [p for p in candidates if p.stem == stem or p.stem.startswith(stem + "_")]
-    return sorted(mine, key=lambda p: _control_order(stem, p))
+def _match_controls(items: list[Item], candidates: list[Path]) -> None:
+    """Each item's controls, matched as musubi-tuner matches them: longer target names first, and a control
+    file goes to the first target it matches only (so `a_1.png` is the target a_1's, not a second control of
+    a). A `<stem>_<text>.*` file with a non-numeric suffix matches nothing (musubi-tuner stops with an error)."""
+    pool = set(candidates)
+    for item in sorted(items, key=lambda it: len(it.image.name), reverse=True):
+        mine = [(order, p) for p in pool if p.stem.startswith(item.key)
+                and (order := _control_order(item.key, p)) is not None]
+        pool.difference_update(p for _, p in mine)
+        item.controls = [p for _, p in sorted(mine, key=lambda op: (op[0], op[1].name))]
 
 
 def _from_directory(ds: Dataset, problems: list[Problem]) -> list[Item]:
@@ -122,13 +129,15 @@ def collect_items(ds: Dataset) -> tuple[list[Item], list[Problem]]:
     items = list(by_key.values())
     if ds.control_directory is not None:
         candidates = _images_in(ds.control_directory)
+        _match_controls(items, candidates)
         for item in items:
-            item.controls = _controls_for(item.key, candidates)
             if not item.controls:
-                problems.append(Problem("warning", item.image, f"no control image in {ds.control_directory}"))
+                problems.append(Problem("warning", item.image, f"no control image in {ds.control_directory} "
+                                                               "(it trains without one)"))
         used = {p for item in items for p in item.controls}
         for extra in sorted(set(candidates) - used):
-            problems.append(Problem("warning", extra, "control image without a matching target image"))
+            problems.append(Problem("warning", extra, "control image without a matching target image (controls are "
+                                                      "named <stem>.ext or <stem>_<number>.ext)"))
     for item in items:
         for control in item.controls:
             if not control.exists():
