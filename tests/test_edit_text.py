@@ -12,29 +12,14 @@ from safetensors.torch import save_file
 
 from flowtuner.errors import ConfigError, WeightsError
 from flowtuner.families.qwen_image import edit_sizes
-from flowtuner.families.qwen_image.edit_text import QwenEditTextEncoder, image_processor, prompt_text, text_recipe
+from flowtuner.families.qwen_image.edit_text import QwenEditTextEncoder, prompt_text, text_recipe
 from flowtuner.families.qwen_image.vision import infer_vision_config, load_vl_model, vision_view
 from flowtuner.weights.reader import Checkpoint, TensorEntry
+from tests.edit_models import edit_processor, tiny_vl
 from tests.layouts import legacy_te_key, state
 
 SIZES = [(160, 96), (128, 128), (96, 224)]
 CPU = torch.device("cpu")
-
-
-def tiny_vl_config():
-    """Tiny sizes, real structure: 128-dim text heads and 80-dim vision heads (so the shape-based config
-    inference treats it like a released file), 2 vision blocks, the last with full attention."""
-    from transformers import Qwen2_5_VLConfig
-
-    return Qwen2_5_VLConfig(
-        text_config=dict(
-            vocab_size=152064, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=1,
-            num_key_value_heads=1, rms_norm_eps=1e-6, max_position_embeddings=128000,
-            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
-        ),
-        vision_config=dict(depth=2, hidden_size=80, intermediate_size=96, num_heads=1, out_hidden_size=128,
-                           fullatt_block_indexes=[1], tokens_per_second=2),
-    )
 
 
 def image(width: int, height: int, seed: int) -> Image.Image:
@@ -47,38 +32,14 @@ def image(width: int, height: int, seed: int) -> Image.Image:
 
 @pytest.fixture(scope="module")
 def vl():
-    """Qwen2_5_VLForConditionalGeneration whose forward also passes mm_token_type_ids: the M-RoPE
-    positions transformers 4.5x computed by itself (and musubi-tuner, ComfyUI use). diffusers 0.42.1
+    """The tiny VL model whose forward also passes mm_token_type_ids (tests/edit_models.py): diffusers 0.42.1
     drops them on transformers 5.x; see test_diffusers_as_shipped_gives_image_tokens_1d_positions."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
-    class WithImagePositions(Qwen2_5_VLForConditionalGeneration):
-        def forward(self, input_ids=None, mm_token_type_ids=None, **kwargs):
-            if mm_token_type_ids is None and input_ids is not None:
-                mm_token_type_ids = (input_ids == self.config.image_token_id).int()
-            self.model.rope_deltas = None
-            return super().forward(input_ids=input_ids, mm_token_type_ids=mm_token_type_ids, **kwargs)
-
-    torch.manual_seed(0)
-    model = WithImagePositions(tiny_vl_config()).eval()
-    with torch.no_grad():  # make the vision tokens weigh as much as the text ones
-        model.model.visual.merger.mlp[2].weight.mul_(8)
-    return model
+    return tiny_vl()
 
 
 @pytest.fixture(scope="module")
 def processor(qwen_tokenizer):
-    """diffusers' Edit pipelines need a Qwen2VLProcessor; built offline from the fixture tokenizer. Its class
-    check rejects video_processor=None without torchvision, so that one check is skipped."""
-    from transformers import Qwen2VLProcessor
-
-    class NoVideo(Qwen2VLProcessor):
-        def check_argument_for_proper_class(self, name, arg):
-            if name == "video_processor" and arg is None:
-                return None
-            return super().check_argument_for_proper_class(name, arg)
-
-    return NoVideo(image_processor=image_processor(), tokenizer=qwen_tokenizer, video_processor=None)
+    return edit_processor(qwen_tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -210,12 +171,27 @@ def test_text_encoder_without_vision_weights_is_one_clear_line(te_files):
     assert "\n" not in msg and str(path) in msg and "visual" in msg and "full Qwen2.5-VL" in msg
 
 
-@pytest.mark.parametrize("version, counts", [("edit", (0, 2)), ("edit-2509", (0, 4)), ("edit-2511", (0, 4))])
+@pytest.mark.parametrize("version, counts", [("edit", (2,)), ("edit-2509", (4,)), ("edit-2511", (4,))])
 def test_wrong_image_count_is_one_line(encoders, version, counts):
     for n in counts:
         with pytest.raises(ConfigError) as err:
             encoders[version].encode(["x"], [[image(32, 32, i) for i in range(n)]])
         assert "\n" not in str(err.value) and version in str(err.value) and f"got {n}" in str(err.value)
+    from flowtuner.families.qwen_image.edit_family import QwenImageEditFamily
+
+    with pytest.raises(ConfigError, match="got 0"):  # generation needs a control image; a training item may lack one
+        QwenImageEditFamily(version).check_controls(0)
+
+
+def test_a_prompt_without_images_is_encoded_as_text_to_image(encoders):
+    """musubi-tuner trains edit-dataset items without control images with the text-to-image template."""
+    from flowtuner.families.qwen_image.text_encoder import QwenTextEncoder
+
+    enc = encoders["edit-2509"]
+    mixed = enc.encode(["a red cat", "a blue dog"], [[], [image(32, 32, 0)]])
+    plain = QwenTextEncoder(enc.model.language_model, enc.tokenizer).encode(["a red cat"])[0]
+    with_image = enc.encode(["a blue dog"], [[image(32, 32, 0)]])[0]
+    assert torch.equal(mixed[0].embeds, plain.embeds) and torch.equal(mixed[1].embeds, with_image.embeds)
 
 
 def test_bad_prompt_and_list_mismatch_are_config_errors(encoders):

@@ -1,7 +1,8 @@
 """Prompts (and their control images) -> Conditioning, shared by `flowtuner generate` and training previews.
 
-A conditioning is keyed by (text, control image paths): an edit model reads the control images with the text,
-so the same words with other images are another conditioning. The negative prompt of a job is encoded with the
+A conditioning is keyed by (text, control image paths, the family's control key): an edit model reads the
+control images with the text, so the same words with other images (or images sized otherwise) are another
+conditioning. The negative prompt of a job is encoded with the
 job's control images too, as diffusers' Edit pipelines do."""
 
 from __future__ import annotations
@@ -13,23 +14,24 @@ from PIL import Image
 from flowtuner.families.base import Conditioning, Family, ImageCodec, TextEncoder
 from flowtuner.guidance import runs_uncond
 
-Key = tuple[str, tuple[str, ...]]
+Key = tuple[str, tuple[str, ...], tuple]
 
 
 def controls_of(job) -> tuple[str, ...]:
     return tuple(job.control_images or ())
 
 
-def cond_keys(job) -> tuple[Key, Key | None]:
+def cond_keys(job, family: Family) -> tuple[Key, Key | None]:
     """(the prompt's key, the negative prompt's key or None when guidance skips the unconditional pass)."""
     controls = controls_of(job)
-    negative = (job.negative_prompt, controls) if runs_uncond(job.guidance_scale) else None
-    return (job.prompt, controls), negative
+    extra = family.control_key(job) if controls else ()
+    negative = (job.negative_prompt, controls, extra) if runs_uncond(job.guidance_scale) else None
+    return (job.prompt, controls, extra), negative
 
 
-def keys_of(jobs) -> list[Key]:
+def keys_of(jobs, family: Family) -> list[Key]:
     """Every distinct conditioning the jobs need, in first-use order."""
-    keys = [k for job in jobs for k in cond_keys(job) if k is not None]
+    keys = [k for job in jobs for k in cond_keys(job, family) if k is not None]
     return list(dict.fromkeys(keys))
 
 
@@ -39,31 +41,35 @@ def control_images(paths: tuple[str, ...]) -> list[Image.Image]:
     return [open_image(p) for p in paths]
 
 
-def encode(encoder: TextEncoder, keys: list[Key], batch: int = 8) -> dict[Key, Conditioning]:
+def encode(encoder: TextEncoder, keys: list[Key], family: Family, batch: int = 8) -> dict[Key, Conditioning]:
     """Every key encoded once, texts batched per set of control images."""
-    by_controls: dict[tuple[str, ...], list[str]] = defaultdict(list)
-    for text, controls in keys:
-        by_controls[controls].append(text)
+    by_controls: dict[tuple, list[str]] = defaultdict(list)
+    for text, controls, extra in keys:
+        by_controls[(controls, extra)].append(text)
     out = {}
-    for controls, texts in by_controls.items():
+    for (controls, extra), texts in by_controls.items():
         images = control_images(controls) if controls else None
+        sizes = family.control_sizes(images, extra)[0] if images else None
         for i in range(0, len(texts), batch):
             chunk = texts[i : i + batch]
-            conds = encoder.encode(chunk, [images] * len(chunk) if images else None)
-            out.update(((t, controls), c) for t, c in zip(chunk, conds))
+            if images:
+                conds = encoder.encode(chunk, [images] * len(chunk), None if sizes is None else [sizes] * len(chunk))
+            else:
+                conds = encoder.encode(chunk)
+            out.update(((t, controls, extra), c) for t, c in zip(chunk, conds))
     return out
 
 
 def with_controls(family: Family, conds: dict[Key, Conditioning], codec: ImageCodec) -> dict[Key, Conditioning]:
     """Conditionings whose key has control images, completed by the family with what it takes from the images
     themselves (an edit model's reference latents); encoded once per set of images."""
-    done: dict[tuple[str, ...], Conditioning] = {}
+    done: dict[tuple, Conditioning] = {}
     out = dict(conds)
-    for (text, controls), cond in conds.items():
+    for (text, controls, extra), cond in conds.items():
         if controls:
-            if controls not in done:
-                done[controls] = family.control_conditioning(cond, control_images(controls), codec)
-            out[(text, controls)] = Conditioning(cond.embeds, cond.mask, {**cond.extra, **done[controls].extra})
+            if (controls, extra) not in done:
+                done[(controls, extra)] = family.control_conditioning(cond, control_images(controls), codec, extra)
+            out[(text, controls, extra)] = Conditioning(cond.embeds, cond.mask, {**cond.extra, **done[(controls, extra)].extra})
     return out
 
 

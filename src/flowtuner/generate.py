@@ -92,7 +92,7 @@ def release_cache() -> None:
 def encode_prompts(family: Family, paths: ModelPaths, jobs: list[Job], device: torch.device) -> dict[tuple, Conditioning]:
     """Every distinct (prompt or negative prompt, control images), encoded once."""
     encoder = family.load_text_encoder(paths, device)
-    conds = conditioning.encode(encoder, conditioning.keys_of(jobs))
+    conds = conditioning.encode(encoder, conditioning.keys_of(jobs, family), family)
     del encoder
     release_cache()
     return conds

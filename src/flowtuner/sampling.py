@@ -206,7 +206,7 @@ def sample_job(denoiser: Denoiser, family: Family, job: Job, conds: dict[tuple, 
                init: InitImage | None = None) -> list[tuple[Job, int, torch.Tensor]]:
     geometry = denoiser.geometry(job.height, job.width)
     sigmas, floor, sampling = job_sigmas(family, job, geometry.image_tokens)
-    key, negative = cond_keys(job)
+    key, negative = cond_keys(job, family)
     uncond = conds[negative] if negative is not None else None
     hooks = [m for m in job.guidance_methods() if METHODS[m[0]].stage != "mask"]
     model = guided_model(lambda x, s, c: denoiser.predict(x, s, c, geometry), conds[key], uncond,

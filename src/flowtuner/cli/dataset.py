@@ -31,7 +31,7 @@ def run(cfg: DatasetCheckConfig) -> int:
     family = family_for(cfg)
     errors = 0
     for ds in load_dataset_config(cfg.dataset_config):
-        report = check_dataset(ds, family.size_step, family.cache_size_estimate, cfg.num_workers)
+        report = check_dataset(ds, family.size_step, family.cache_size_estimate, cfg.num_workers, family.max_controls)
         print("\n".join(format_report(report)))
         if cfg.preview:
             for path in write_previews(report, Path(cfg.preview)):

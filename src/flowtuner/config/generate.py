@@ -30,6 +30,11 @@ class GenerateConfig(SamplingConfig, ModelVersion, ModelFiles):
                                                     "2511: one to three); the output size defaults to diffusers' ~1 MP "
                                                     "at the aspect ratio of the first (Edit) or last (2509 / 2511) one",
                                                nargs="+")
+    resize_control_to_official_size: bool = opt(False, "edit models, musubi-tuner's rule: control images to the official "
+                                                       "areas in 16-px buckets (VAE 1024x1024, text encoder 384x384), cover "
+                                                       "+ centre crop (wins over --resize_control_to_image_size)")
+    resize_control_to_image_size: bool = opt(False, "edit models, musubi-tuner's rule: control images to the output size "
+                                                    "for the VAE and the text encoder, cover + centre crop")
     seed: int | None = opt(help="random seed (default: random); image i of --num_images uses seed + i")
     save_path: str = opt("outputs", "output folder")
     output_type: str = opt("images", "what to save", choices=("images", "latent", "latent_images"))

@@ -61,7 +61,6 @@ def _dynamo_backends() -> list[str]:
 
 EAGER = "flowtuner runs the DiT eagerly (torch.compile is not wired in yet)"
 ONLY_COMPILE = "only matters with --compile, which flowtuner does not use yet"
-EDIT_ONLY = "not available yet: flowtuner sizes control images as diffusers' Edit pipelines do (docs/edit.md)"
 LAYERED_ONLY = "only for Qwen-Image-Layered, which is not available yet"
 MEMORY_WORK = "not available yet (it comes with the memory work); run without it"
 NO_UPLOAD = "flowtuner does not upload; the files stay in --output_dir"
@@ -174,8 +173,6 @@ GENERATE: dict[str, Flag] = {
     "exclude_patterns": Flag(STRS, "filtering LoRA modules at load is not available; merge the whole LoRA", refuse=True),
     "automatic_prompt_lang_for_layered": Flag({"type": str, "choices": ["en", "cn"]}, LAYERED_ONLY),
     "output_layers": Flag(INT, LAYERED_ONLY),
-    "resize_control_to_image_size": Flag(FLAG, EDIT_ONLY),
-    "resize_control_to_official_size": Flag(FLAG, EDIT_ONLY),
     "append_original_name": Flag(FLAG, "output names are flowtuner's own (time stamp and seed)"),
     "embedded_cfg_scale": Flag(FLOAT, "unused by Qwen-Image (musubi-tuner only writes it into the metadata)"),
     "fp8": Flag(FLAG, "casting the DiT to fp8 is " + MEMORY_WORK + "; fp8 / fp8_scaled DiT files load without it "

@@ -83,4 +83,6 @@ def family_for(cfg) -> Family:
     by musubi-tuner's rule (a version without a family here is a one-line "not available yet" error)."""
     from flowtuner.config.models import resolve_model_version
 
-    return get_family(VERSIONS[resolve_model_version(cfg)].family)
+    family = get_family(VERSIONS[resolve_model_version(cfg)].family)
+    family.configure(cfg)
+    return family

@@ -73,9 +73,9 @@ class LatentGeometry:
 
 class TextEncoder(ABC):
     @abstractmethod
-    def encode(self, prompts: list[str], images: list[list[Any]] | None = None) -> list[Conditioning]:
-        """One Conditioning per prompt; `images`: per prompt, its control images (PIL, RGB) for families that
-        read them with the text (edit models), None otherwise."""
+    def encode(self, prompts: list[str], images: list[list[Any]] | None = None, sizes: list[list] | None = None) -> list[Conditioning]:
+        """One Conditioning per prompt; `images`: per prompt, its control images (PIL) for families that read them
+        with the text (edit models), None otherwise; `sizes`: the family's image sizes for them (None: its default)."""
 
 
 class Denoiser(ABC):
@@ -172,7 +172,19 @@ class Family(ABC):
             raise ConfigError("control images (--control_image_path / --ci) are for the edit models (--model_version "
                               "edit, edit-2509, edit-2511); this model reads text only.")
 
-    def control_conditioning(self, cond: Conditioning, images: list, codec: ImageCodec) -> Conditioning:
+    def configure(self, cfg) -> None:
+        """Take the command's model-specific options (e.g. how control images are sized); called by family_for."""
+
+    def control_key(self, job) -> tuple:
+        """What, besides the text and the control image files, a job's conditioning depends on (e.g. its output
+        size, when control images are resized to it); part of the conditioning's key."""
+        return ()
+
+    def control_sizes(self, images: list, key: tuple) -> tuple[list | None, list | None]:
+        """(sizes for the text encoder, sizes for the latents) of the control images under `key`; None: default."""
+        return None, None
+
+    def control_conditioning(self, cond: Conditioning, images: list, codec: ImageCodec, key: tuple = ()) -> Conditioning:
         """`cond` (encoded with `images`) carrying what the denoiser needs of the control images themselves
         (an edit model's reference latents), made with `codec`."""
         raise ConfigError("this model takes no control images; drop --control_image_path / --ci.")

@@ -328,7 +328,7 @@ class Trainer:
 
     def _encode_samples(self, paths, jobs, device) -> dict[str, Conditioning]:
         encoder = self.family.load_text_encoder(paths, device)
-        conds = conditioning.encode(encoder, conditioning.keys_of(jobs))
+        conds = conditioning.encode(encoder, conditioning.keys_of(jobs, self.family), self.family)
         del encoder
         release_cache()
         return conds

@@ -161,6 +161,8 @@ class QwenImageEditDenoiser(QwenImageDenoiser):
     @staticmethod
     def _references(cond: Conditioning, b: int) -> list[torch.Tensor]:
         refs = cond.extra.get(REFERENCE_LATENTS)
+        if refs is not None and len(refs) == 0:
+            return []  # a training item without control images: trained as text-to-image, as musubi-tuner does
         if not refs:
             raise FlowtunerError("Qwen-Image-Edit needs control images: this conditioning carries no reference latents "
                                  "(give --control_image_path, or control images in the dataset).")

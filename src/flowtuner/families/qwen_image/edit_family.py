@@ -13,8 +13,8 @@ from flowtuner.families.base import Conditioning, ImageCodec, ModelPaths
 from flowtuner.families.paths import require
 from flowtuner.families.qwen_image.dit import load_dit
 from flowtuner.families.qwen_image.edit import QwenImageEditDenoiser, reference_latents, with_references
-from flowtuner.families.qwen_image.edit_sizes import IMAGE_COUNTS, check_image_count, default_output_size
-from flowtuner.families.qwen_image.edit_text import QwenEditTextEncoder, text_recipe
+from flowtuner.families.qwen_image.edit_sizes import IMAGE_COUNTS, check_image_count, default_output_size, musubi_control_sizes
+from flowtuner.families.qwen_image.edit_text import QwenEditTextEncoder, cover_crop, text_recipe
 from flowtuner.families.qwen_image.family import QwenImageFamily, set_attention
 from flowtuner.families.qwen_image.tokenizer import load_tokenizer
 from flowtuner.families.qwen_image.vision import load_vl_model, vision_view
@@ -36,6 +36,27 @@ class QwenImageEditFamily(QwenImageFamily):
         self.version = version
         self.max_controls = IMAGE_COUNTS[version][1]
         self.modelspec_architecture = MODELSPEC[version]
+        self.control_rule = "diffusers"
+
+    def configure(self, cfg) -> None:
+        """musubi-tuner's --resize_control_to_official_size (wins, as in musubi) / --resize_control_to_image_size;
+        without them control images are sized as diffusers' pipelines size them."""
+        if getattr(cfg, "resize_control_to_official_size", False):
+            self.control_rule = "official"
+        elif getattr(cfg, "resize_control_to_image_size", False):
+            self.control_rule = "image"
+
+    def control_key(self, job) -> tuple:
+        if self.control_rule == "image":
+            return ("image", job.width, job.height)
+        return (self.control_rule,) if self.control_rule != "diffusers" else ()
+
+    def control_sizes(self, images: list, key: tuple) -> tuple[list | None, list | None]:
+        if not key:
+            return None, None
+        output = (key[1], key[2]) if key[0] == "image" else (0, 0)
+        pairs = [musubi_control_sizes(*im.size, output, key[0] == "official", key[0] == "image") for im in images]
+        return [vl for _, vl in pairs], [vae for vae, _ in pairs]
 
     def text_recipe(self) -> str:
         return text_recipe(self.version)  # a v1 text cache is stale for 2509
@@ -59,8 +80,11 @@ class QwenImageEditFamily(QwenImageFamily):
     def check_controls(self, count: int) -> None:
         check_image_count(self.version, count)
 
-    def control_conditioning(self, cond: Conditioning, images: list, codec: ImageCodec) -> Conditioning:
-        return with_references(cond, reference_latents(images, codec, self.version))
+    def control_conditioning(self, cond: Conditioning, images: list, codec: ImageCodec, key: tuple = ()) -> Conditioning:
+        _, vae_sizes = self.control_sizes(images, key)
+        if vae_sizes is not None:  # musubi-tuner's rules resize by cover + centre crop
+            images = [cover_crop(im, size) for im, size in zip(images, vae_sizes)]
+        return with_references(cond, reference_latents(images, codec, self.version, vae_sizes))
 
     def default_image_size(self, control_sizes: list[tuple[int, int]]) -> tuple[int, int] | None:
         if not control_sizes:
@@ -71,10 +95,7 @@ class QwenImageEditFamily(QwenImageFamily):
     def cached_conditioning(self, text: list[dict[str, torch.Tensor]], latent_extras: list[dict[str, torch.Tensor]]) -> Conditioning:
         cond = super().cached_conditioning(text, latent_extras)
         per_item = [sorted((int(m[1]), t) for name, t in extras.items() if (m := CONTROL_NAME.match(name))) for extras in latent_extras]
-        counts = {len(refs) for refs in per_item}
-        if counts == {0}:
-            raise ConfigError("an edit-model batch without control latents (latents_control_0_*): re-run cache-latents "
-                              "with control images in the dataset (control_directory or control_path in the JSONL).")
+        counts = {len(refs) for refs in per_item}  # none: items without control images, trained as text-to-image
         if len(counts) > 1:
             raise ConfigError("a batch mixes items with different numbers of control images; the loader groups them "
                               "apart, so the caches changed under it: re-run cache-latents.")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 
+from flowtuner.data.buckets import area_bucket
 from flowtuner.errors import ConfigError
 
 EDIT_VERSIONS = ("edit", "edit-2509", "edit-2511")
@@ -45,7 +46,8 @@ def check_image_count(version: str, count: int) -> None:
         want = f"exactly {low}" if low == high else f"{low} to {high}"
         raise ConfigError(
             f"--model_version {version} takes {want} control image{'s' if high > 1 else ''}, got {count}; "
-            + ("use edit-2509 or edit-2511 for several images." if version == "edit" and count > 1 else "pass --control_image_path.")
+            + ("use edit-2509 or edit-2511 for several images." if version == "edit" and count > 1
+               else "drop the extra ones." if count > high else "pass --control_image_path.")
         )
 
 
@@ -80,21 +82,7 @@ def default_output_size(version: str, control_sizes: list[tuple[int, int]]) -> t
 def bucket_size(width: int, height: int, resolution: tuple[int, int], step: int = MUSUBI_STEP) -> tuple[int, int]:
     """musubi-tuner `BucketSelector.calculate_bucket_resolution`: the bucket of `resolution`'s area
     closest in aspect ratio to the image, sides multiples of `step` (floored)."""
-    area = resolution[0] * resolution[1]
-    ratio = width / height
-    base_w = _floor(int(math.sqrt(area * ratio)), step)
-    best, best_diff = None, float("inf")
-    for i in range(-2, 3):
-        w = base_w + i * step
-        h = _floor(area // w, step)
-        diff = abs(w / h - ratio)
-        if diff < best_diff:
-            best, best_diff = (w, h), diff
-    return best
-
-
-def _floor(value: int, step: int) -> int:
-    return value - value % step
+    return area_bucket(width, height, resolution, step)
 
 
 def musubi_control_sizes(

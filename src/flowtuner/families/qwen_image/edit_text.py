@@ -77,12 +77,26 @@ def image_processor() -> Qwen2VLImageProcessorPil:
     return Qwen2VLImageProcessorPil(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
 
 
-def vl_image(version: str, image: PIL.Image.Image) -> PIL.Image.Image:
-    """The control image at the size the VL encoder gets it (before the processor's smart_resize)."""
+def vl_image(version: str, image: PIL.Image.Image, size: tuple[int, int] | None = None) -> PIL.Image.Image:
+    """The control image at the size the VL encoder gets it (before the processor's smart_resize): `size`
+    (width, height) where another rule applies (musubi-tuner's flags: cover + centre crop), else diffusers'."""
     if image.mode not in ("RGB", "RGBA", "L"):
         image = image.convert("RGB")
+    if size is not None:
+        return cover_crop(image, size)
     width, height = vl_size(version, *image.size)
     return image.resize((width, height), resample=VL_RESAMPLE)
+
+
+def cover_crop(image: PIL.Image.Image, size: tuple[int, int]) -> PIL.Image.Image:
+    """musubi-tuner's resize to a bucket: scale to cover `size` (width, height), then crop the centre."""
+    if image.size == tuple(size):
+        return image
+    scale = max(size[0] / image.width, size[1] / image.height)
+    w, h = max(size[0], round(image.width * scale)), max(size[1], round(image.height * scale))
+    image = image.resize((w, h), resample=VL_RESAMPLE)
+    left, top = (w - size[0]) // 2, (h - size[1]) // 2
+    return image.crop((left, top, left + size[0], top + size[1]))
 
 
 class QwenEditTextEncoder(TextEncoder):
@@ -104,9 +118,10 @@ class QwenEditTextEncoder(TextEncoder):
     def text_recipe(self) -> str:
         return text_recipe(self.version)
 
-    def pixels(self, images: list[PIL.Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
+    def pixels(self, images: list[PIL.Image.Image], sizes: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(pixel_values [patches, C·T·P·P], image_grid_thw [n, 3]) for the processor."""
-        out = self.processor([vl_image(self.version, im) for im in images], return_tensors="pt")
+        sizes = sizes or [None] * len(images)
+        out = self.processor([vl_image(self.version, im, size) for im, size in zip(images, sizes)], return_tensors="pt")
         return out["pixel_values"], out["image_grid_thw"]
 
     def tokenize(self, prompt: str, grids: torch.Tensor) -> tuple[list[int], int]:
@@ -124,22 +139,42 @@ class QwenEditTextEncoder(TextEncoder):
         if len(images) != len(prompts):
             raise ConfigError(f"{len(prompts)} prompts but {len(images)} control image lists; give one list per prompt.")
         for imgs in images:
-            check_image_count(self.version, len(imgs))
+            if imgs:  # none: a training item without control images (encoded as text-to-image, as musubi-tuner does)
+                check_image_count(self.version, len(imgs))
         for prompt in prompts:
             if IMAGE_PAD in prompt or "<|vision_start|>" in prompt:
                 raise ConfigError(f"the prompt {prompt[:40]!r} holds vision tokens; images come from the control images only.")
 
     @torch.no_grad()
-    def encode(self, prompts: list[str], images: list[list[PIL.Image.Image]]) -> list[Conditioning]:
+    def encode(self, prompts: list[str], images: list[list[PIL.Image.Image]], sizes: list[list] | None = None) -> list[Conditioning]:
+        """`sizes`: per prompt, the (width, height) each image is resized to for the VL encoder instead of
+        diffusers' rule (musubi-tuner's --resize_control_to_* flags)."""
         self.check(prompts, images)
+        if not all(images):
+            return self._some_without_images(prompts, images, sizes)
         pixel_parts, grid_parts, tokens = [], [], []
-        for prompt, imgs in zip(prompts, images):
-            pixels, grids = self.pixels(imgs)
+        for k, (prompt, imgs) in enumerate(zip(prompts, images)):
+            pixels, grids = self.pixels(imgs, sizes[k] if sizes else None)
             pixel_parts.append(pixels)
             grid_parts.append(grids)
             tokens.append(self.tokenize(prompt, grids))
         hidden = self._forward(tokens, torch.cat(pixel_parts), torch.cat(grid_parts))
         return [Conditioning(hidden[i : i + 1, cut : len(ids)].cpu()) for i, (ids, cut) in enumerate(tokens)]
+
+    def _some_without_images(self, prompts, images, sizes) -> list[Conditioning]:
+        """Prompts without control images take Qwen-Image's text-to-image template and the language model alone
+        (musubi-tuner trains such edit-dataset items that way); the others are encoded as usual."""
+        from flowtuner.families.qwen_image.text_encoder import QwenTextEncoder
+
+        plain = [i for i, imgs in enumerate(images) if not imgs]
+        rest = [i for i, imgs in enumerate(images) if imgs]
+        out: dict[int, Conditioning] = {}
+        text_only = QwenTextEncoder(self.model.language_model, self.tokenizer)
+        out.update(zip(plain, text_only.encode([prompts[i] for i in plain])))
+        if rest:
+            out.update(zip(rest, self.encode([prompts[i] for i in rest], [images[i] for i in rest],
+                                             [sizes[i] for i in rest] if sizes else None)))
+        return [out[i] for i in range(len(prompts))]
 
     def _forward(self, tokens: list[tuple[list[int], int]], pixels: torch.Tensor, grids: torch.Tensor) -> torch.Tensor:
         """Right-padded batch through the model; mm_token_type_ids makes transformers compute M-RoPE."""
