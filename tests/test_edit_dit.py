@@ -113,7 +113,7 @@ def flowtuner_latents(version, dit, vae, images, pos, neg, cfg, steps, seed, hei
     if height is None:
         width, height = edit_sizes.default_output_size(version, [im.size for im in images])
     refs = reference_latents(images, QwenImageCodec(vae), version)
-    conds = {("pos", ()): with_references(pos, refs), ("neg", ()): with_references(neg, refs)}
+    conds = {("pos", (), ()): with_references(pos, refs), ("neg", (), ()): with_references(neg, refs)}
     job = Job(prompt="pos", negative_prompt="neg", height=height, width=width, steps=steps, guidance_scale=cfg, seed=seed)
     denoiser = QwenImageEditDenoiser(dit, info, denoiser_version)
     [(_, _, latents)] = sample_job(denoiser, QwenImageFamily(), job, conds)

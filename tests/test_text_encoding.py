@@ -78,4 +78,4 @@ def test_repeated_prompts_are_encoded_once(monkeypatch):
             generate.Job(prompt="b", negative_prompt="x", height=64, width=64, steps=2, guidance_scale=1.0, seed=0)]
     conds = generate.encode_prompts(Fam(), None, jobs, torch.device("cpu"))
     assert sorted(seen) == [" ", "a", "b"]  # "x" is unused at guidance 1.0
-    assert set(conds) == {("a", ()), (" ", ()), ("b", ())}
+    assert set(conds) == {("a", (), ()), (" ", (), ()), ("b", (), ())}
