@@ -150,6 +150,12 @@ class Family(ABC):
     modelspec_implementation: str
     modelspec_resolution: str
 
+    @property
+    def base_model_version(self) -> str:
+        """ss_base_model_version of trained LoRAs (musubi-tuner's architecture_full_name): the cache
+        metadata's architecture unless a family's trained files name another (Qwen-Image-Edit)."""
+        return self.architecture
+
     #: control images one item / prompt may have (edit models); 0: the family takes none
     max_controls: int = 0
     #: tensors every text cache of this family holds (names without musubi-tuner's dtype suffix)

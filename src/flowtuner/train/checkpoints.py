@@ -36,7 +36,7 @@ def lora_metadata(trainer, pos, network) -> dict[str, str]:
     cfg, fam = trainer.cfg, trainer.family
     dim, alpha = network.common_shape()  # a continued LoRA has the file's rank and alpha, not the flags'
     meta = {
-        "ss_base_model_version": fam.architecture, "ss_network_module": fam.network_module,
+        "ss_base_model_version": fam.base_model_version, "ss_network_module": fam.network_module,
         "ss_network_dim": str(dim), "ss_network_alpha": str(alpha), **network_args_metadata(cfg.network_args),
         "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": f"{fam.modelspec_architecture}/lora",
         "modelspec.implementation": fam.modelspec_implementation, "modelspec.title": cfg.output_name,

@@ -13,7 +13,9 @@ from flowtuner.families.base import Conditioning, ImageCodec, ModelPaths
 from flowtuner.families.paths import require
 from flowtuner.families.qwen_image.dit import load_dit
 from flowtuner.families.qwen_image.edit import QwenImageEditDenoiser, reference_latents, with_references
-from flowtuner.families.qwen_image.edit_sizes import IMAGE_COUNTS, check_image_count, default_output_size, musubi_control_sizes
+from flowtuner.families.qwen_image.edit_sizes import (
+    IMAGE_COUNTS, check_image_count, default_output_size, musubi_control_sizes, vl_size,
+)
 from flowtuner.families.qwen_image.edit_text import QwenEditTextEncoder, cover_crop, text_recipe
 from flowtuner.families.qwen_image.family import QwenImageFamily, set_attention
 from flowtuner.families.qwen_image.tokenizer import load_tokenizer
@@ -30,6 +32,7 @@ MODELSPEC = {"edit": "Qwen-Image-Edit", "edit-2509": "Qwen-Image-Edit-Plus", "ed
 class QwenImageEditFamily(QwenImageFamily):
     name = "qwen_image_edit"
     cache_arch = "qie"  # musubi-tuner: one suffix for the three versions (text caches record the version)
+    base_model_version = "qwen_image_edit"  # musubi-tuner's LoRA metadata; its caches keep "qwen_image"
     modelspec_resolution = "1024x1024"
 
     def __init__(self, version: str):
@@ -54,8 +57,13 @@ class QwenImageEditFamily(QwenImageFamily):
     def control_sizes(self, images: list, key: tuple) -> tuple[list | None, list | None]:
         if not key:
             return None, None
-        output = (key[1], key[2]) if key[0] == "image" else (0, 0)
-        pairs = [musubi_control_sizes(*im.size, output, key[0] == "official", key[0] == "image") for im in images]
+        if key[0] == "image":
+            # The VAE image at the output size, as musubi-tuner; the text encoder's image at the version's size for
+            # that shape (musubi-tuner gives it the output-size image). This is what flowtuner's training caches
+            # hold for a control resized to the target's bucket, so a model sees at inference what it was trained on.
+            output = (key[1], key[2])
+            return [vl_size(self.version, *output)] * len(images), [output] * len(images)
+        pairs = [musubi_control_sizes(*im.size, (0, 0), True, False) for im in images]
         return [vl for _, vl in pairs], [vae for vae, _ in pairs]
 
     def text_recipe(self) -> str:
