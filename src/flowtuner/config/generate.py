@@ -33,8 +33,9 @@ class GenerateConfig(SamplingConfig, ModelVersion, ModelFiles):
     resize_control_to_official_size: bool = opt(False, "edit models, musubi-tuner's rule: control images to the official "
                                                        "areas in 16-px buckets (VAE 1024x1024, text encoder 384x384), cover "
                                                        "+ centre crop (wins over --resize_control_to_image_size)")
-    resize_control_to_image_size: bool = opt(False, "edit models, musubi-tuner's rule: control images to the output size "
-                                                    "for the VAE and the text encoder, cover + centre crop")
+    resize_control_to_image_size: bool = opt(False, "edit models: control images to the output size for the VAE (cover + "
+                                                    "centre crop), as musubi-tuner; the text encoder gets them at the "
+                                                    "version's size for that shape, as flowtuner's training caches hold them")
     seed: int | None = opt(help="random seed (default: random); image i of --num_images uses seed + i")
     save_path: str = opt("outputs", "output folder")
     output_type: str = opt("images", "what to save", choices=("images", "latent", "latent_images"))
