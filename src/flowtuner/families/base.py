@@ -232,6 +232,11 @@ class Family(ABC):
     @abstractmethod
     def load_codec(self, paths: ModelPaths, device: torch.device) -> ImageCodec: ...
 
+    def plan_spec(self, paths: ModelPaths | None):
+        """What `flowtuner plan` builds and traces (flowtuner.plan.PlanSpec): from the files' headers in `paths`,
+        or the published sizes when `paths` is None or has no DiT."""
+        raise ConfigError(f"flowtuner plan: planning {self.name} is not available yet.")
+
     @abstractmethod
     def comfy_model_sampling(self):
         """The sigma table ComfyUI gives this model by default (for its schedulers)."""

@@ -207,6 +207,11 @@ class QwenImageFamily(Family):
     def load_codec(self, paths: ModelPaths, device: torch.device) -> QwenImageCodec:
         return QwenImageCodec(load_vae(require(paths, "vae"), device))
 
+    def plan_spec(self, paths: ModelPaths | None):
+        from flowtuner.families.qwen_image.plan import plan_spec
+
+        return plan_spec(self, paths, QwenImageDenoiser, self.modelspec_architecture)
+
     def comfy_model_sampling(self):
         from flowtuner.flow.model_sampling import flux
 

@@ -1,0 +1,137 @@
+"""`flowtuner plan`: its prediction (fake tensors, 1 and 2 traced blocks, extrapolated) against the peak of
+the same step measured on real tensors of a small model; the JSON schema; bad input in one line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from flowtuner.cli import main
+from flowtuner.families.qwen_image.family import QwenImageDenoiser
+from flowtuner.families.qwen_image.tiny import tiny_dit
+from flowtuner.plan import LiveStorages, PlanSettings, _inputs, make_plan
+from flowtuner.train.lora import LoRANetwork, select_modules
+from flowtuner.train.objective import per_sample_loss
+from flowtuner.families import get_family
+
+LAYERS, SIZE, TOKENS = 4, 256, 32
+
+
+@pytest.fixture(scope="module")
+def dit_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("plan") / "dit.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny_dit(layers=LAYERS).state_dict().items()}, str(path))
+    return path
+
+
+def planned(dit_file, target: str, *flags: str, capsys) -> dict:
+    assert main(["plan", target, "--dit", str(dit_file), "--text_tokens", str(TOKENS), "--json", *flags]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def settings(mode: str, **kw) -> PlanSettings:
+    return PlanSettings(mode, SIZE, SIZE, kw.pop("batch", 1), TOKENS, **kw)
+
+
+def measure_lora(s: PlanSettings) -> int:
+    """The peak of a real LoRA step (model built inside the tracker so its weights count)."""
+    tracker = LiveStorages()
+    with tracker:
+        model = tiny_dit(layers=LAYERS).train().requires_grad_(False)
+        if s.gradient_checkpointing:
+            model.enable_gradient_checkpointing()
+        family = get_family("qwen_image")
+        network = LoRANetwork(model, select_modules(model, family.lora_default_targets(model), [], []), s.network_dim,
+                              s.network_alpha).attach()
+        params = list(network.parameters())
+        optimizer = torch.optim.AdamW(params, lr=1e-4)
+        denoiser = QwenImageDenoiser(model)
+        x0, noise, sigma, cond, geometry = _inputs(spec_stub(), s, denoiser)
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=s.mixed_precision == "bf16")
+        with autocast:
+            loss = per_sample_loss(lambda *a: denoiser.predict(*a), x0, noise, sigma, cond, geometry).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+    return tracker.peak
+
+
+def spec_stub():
+    from flowtuner.families.qwen_image.tiny import TEXT_HIDDEN
+
+    return type("S", (), {"text_width": TEXT_HIDDEN})()
+
+
+@pytest.mark.parametrize("flags,kw", [
+    ((), {}),
+    (("--gradient_checkpointing", "--mixed_precision", "bf16", "--network_dim", "8"),
+     {"gradient_checkpointing": True, "mixed_precision": "bf16", "network_dim": 8}),
+])
+def test_lora_plan_matches_a_measured_step(dit_file, capsys, flags, kw):
+    plan = planned(dit_file, "train", "--resolution", str(SIZE), str(SIZE), *flags, capsys=capsys)
+    real = measure_lora(settings("train", **kw))
+    assert plan["device_peak_gib"] * 1024**3 == pytest.approx(real, rel=0.10)
+    assert plan["settings"]["blocks"] == LAYERS
+
+
+def test_finetune_plan_matches_torch_mem_tracker(dit_file, capsys):
+    """Full fine-tuning: every parameter trains, so torch's own MemTracker can measure the real step."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    plan = planned(dit_file, "finetune", "--resolution", str(SIZE), str(SIZE), capsys=capsys)
+    model = tiny_dit(layers=LAYERS).train().requires_grad_(True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    denoiser = QwenImageDenoiser(model)
+    tracker = MemTracker()
+    tracker.track_external(model, optimizer)
+    with tracker:
+        x0, noise, sigma, cond, geometry = _inputs(spec_stub(), settings("finetune"), denoiser)
+        per_sample_loss(lambda *a: denoiser.predict(*a), x0, noise, sigma, cond, geometry).mean().backward()
+        torch.nn.utils.clip_grad_norm_(list(model.parameters()), 1.0)
+        optimizer.step()
+    real = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
+    assert plan["device_peak_gib"] * 1024**3 == pytest.approx(real, rel=0.10)
+    assert plan["components"]["gradients"] > 0 and plan["components"]["optimizer_state"] > 0
+
+
+def test_generate_plan_matches_a_measured_call(dit_file, capsys):
+    plan = planned(dit_file, "generate", "--image_size", str(SIZE), str(SIZE), capsys=capsys)
+    tracker = LiveStorages()
+    with tracker:
+        model = tiny_dit(layers=LAYERS)
+        denoiser = QwenImageDenoiser(model)
+        x, _, sigma, cond, geometry = _inputs(spec_stub(), settings("generate"), denoiser)
+        with torch.no_grad():
+            denoiser.predict(x, sigma, cond, geometry)
+    assert plan["phases"]["dit"] * 1024**3 == pytest.approx(tracker.peak, rel=0.10)
+
+
+def test_json_schema_and_published_sizes(capsys):
+    assert main(["plan", "train", "--model_version", "original", "--gradient_checkpointing", "--mixed_precision", "bf16",
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert {"device_peak_gib", "host_peak_gib", "components", "settings"} <= set(out)
+    assert set(out["components"]) <= {"weights", "lora", "optimizer_state", "gradients", "activations"}
+    assert out["components"]["weights"] == pytest.approx(38.05, abs=0.01)  # 20,430,401,088 bf16 parameters
+    assert out["device_peak_gib"] == pytest.approx(sum(out["components"].values()), abs=0.01)
+    assert out["settings"]["blocks"] == 60 and out["settings"]["height"] == 1024
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["plan", "train", "--model_version", "sdxl"], "unknown model version"),
+    (["plan", "train", "--fp8_base"], "not available yet"),
+    (["plan", "generate", "--blocks_to_swap", "16"], "not available yet"),
+    (["plan", "train", "--resolution", "1000", "1024"], "multiples of 16"),
+    (["plan", "train", "--batch_size", "0"], "at least 1"),
+    (["plan", "train", "--optimizer_type", "Lion"], "the plan knows"),
+    (["plan", "finetune", "--full_bf16"], "needs --mixed_precision bf16"),
+    (["plan", "train", "--model_version", "edit"], "not available yet"),
+    (["plan", "finetune", "--optimizer_type", "adafactor", "--fused_backward_pass"], "does not model it yet"),
+])
+def test_bad_input_is_one_line(capsys, argv, needle):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and "\n" not in err
