@@ -79,3 +79,19 @@ def test_reduced_demo_reaches_the_colour_goal(tmp_path):
     assert summary["images"] == 12 * 2
     assert summary["accuracy"] >= 0.8, f"{summary['correct']}/{summary['images']}: {summary['grid']}"
     assert rc == 0
+
+
+@pytest.mark.slow
+def test_edit_demo_runs_the_edit_path_end_to_end(tmp_path, capsys):
+    """--edit: controls in the dataset config, qie caches with control latents, training and sampling with
+    --model_version edit-2509 and a control image per prompt line; a few steps miss the goal (exit 1)."""
+    out = tmp_path / "demo"
+    rc = main(["demo", "--edit", "--output_dir", str(out), "--vae_steps", "2", "--train_steps", "2", "--sample_steps", "2",
+               "--samples_per_prompt", "1"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["images"] == 12 and not summary["passed"] and rc == 1 and summary["config"]["edit"]
+    assert 'control_directory = "' in (out / "dataset.toml").read_text()
+    assert list((out / "cache").glob("*_qie.safetensors")) and list((out / "cache").glob("*_qie_te.safetensors"))
+    lines = (out / "prompts.txt").read_text().splitlines()
+    assert len(lines) == 12 and all(" --ci " in line and line.startswith("make the ") for line in lines)
+    assert "flowtuner demo --edit: the shape takes the colour the edit asks for in" in capsys.readouterr().out

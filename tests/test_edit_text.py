@@ -263,3 +263,25 @@ def test_vision_tower_of_unknown_width_asks_for_config_json():
               "merger.mlp.2.weight": (128, 128), "blocks.0.mlp.gate_proj.weight": (64, 32)}
     with pytest.raises(WeightsError, match="width 32 is not a Qwen2.5-VL size; put its config.json beside it"):
         infer_vision_config(_fake_checkpoint(shapes))
+
+
+def test_the_repos_processor_config_sets_the_vision_pixel_limits(tmp_path):
+    """A diffusers repo's processor/preprocessor_config.json is honoured (diffusers builds its processor from it);
+    without one, the released models' limits apply."""
+    import json
+
+    from flowtuner.families.base import ModelPaths
+    from flowtuner.families.qwen_image.edit_family import processor_config
+    from flowtuner.families.qwen_image.edit_text import MAX_PIXELS, image_processor
+
+    repo = tmp_path / "repo"
+    (repo / "processor").mkdir(parents=True)
+    (repo / "text_encoder").mkdir()
+    assert processor_config(ModelPaths(text_encoder=repo / "text_encoder", model_root=repo)) is None
+    (repo / "processor" / "preprocessor_config.json").write_text(json.dumps({"min_pixels": 3136, "max_pixels": 112 * 112}))
+    found = processor_config(ModelPaths(text_encoder=repo / "text_encoder"))  # found from the text encoder's folder too
+    assert found == {"min_pixels": 3136, "max_pixels": 12544}
+    picture = image(384, 384, 0)
+    small = image_processor(found)(picture, return_tensors="pt")["image_grid_thw"].prod().item()
+    full = image_processor()(picture, return_tensors="pt")["image_grid_thw"].prod().item()
+    assert small <= 12544 // 14**2 < full and image_processor().size.longest_edge == MAX_PIXELS

@@ -19,6 +19,8 @@ class DemoConfig:
     learning_rate: float = opt(4e-3, "DiT learning rate")
     sample_steps: int = opt(20, "sampling steps per image")
     samples_per_prompt: int = opt(4, "images per prompt (12 prompts: every colour and shape)")
+    edit: bool = opt(False, "learn an edit instead (Qwen-Image-Edit-2509 architecture): \"make the <shape> <colour>\" on a "
+                            "control image of the shape in another colour; scored by the colour the shape takes")
     device: str = opt("cpu", "device for caching, training and sampling, e.g. cuda; the tiny VAE is always trained "
                              "on the CPU")
 

@@ -16,6 +16,10 @@ def caption(color: str, shape: str, background: str) -> str:
     return f"a {color} {shape} on a {background} background"
 
 
+def edit_caption(shape: str, color: str) -> str:
+    return f"make the {shape} {color}"
+
+
 def draw_shape(size: int, color: str, shape: str, background: str, rng: random.Random) -> Image.Image:
     img = Image.new("RGB", (size, size), BACKGROUNDS[background])
     draw = ImageDraw.Draw(img)
@@ -45,6 +49,35 @@ def write_dataset(folder: Path, size: int, per_combination: int, seed: int) -> l
             draw_shape(size, c, s, b, rng).save(folder / f"{stem}.png")
             (folder / f"{stem}.txt").write_text(caption(c, s, b))
             captions.append(caption(c, s, b))
+    return captions
+
+
+def edit_combinations() -> list[tuple[str, str, str, str]]:
+    """(colour before, colour after, shape, background), the two colours different."""
+    return [(a, b, s, g) for a in SHAPE_COLORS for b in SHAPE_COLORS if a != b for s in SHAPES for g in BACKGROUNDS]
+
+
+def draw_pair(size: int, before: str, after: str, shape: str, background: str, seed: int) -> tuple[Image.Image, Image.Image]:
+    """The same shape at the same place and size, in two colours: (control, target)."""
+    return (draw_shape(size, before, shape, background, random.Random(seed)),
+            draw_shape(size, after, shape, background, random.Random(seed)))
+
+
+def write_edit_dataset(folder: Path, controls: Path, size: int, per_combination: int, seed: int) -> list[str]:
+    """Targets in `folder` with captions "make the <shape> <colour>", each control (the same shape in another
+    colour) under the same name in `controls`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    controls.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    captions = []
+    for a, b, s, g in edit_combinations():
+        for k in range(per_combination):
+            stem = f"{a}_to_{b}_{s}_{g}_{k:02d}"
+            control, target = draw_pair(size, a, b, s, g, rng.randrange(2**31))
+            control.save(controls / f"{stem}.png")
+            target.save(folder / f"{stem}.png")
+            (folder / f"{stem}.txt").write_text(edit_caption(s, b))
+            captions.append(edit_caption(s, b))
     return captions
 
 

@@ -21,18 +21,19 @@ from flowtuner.families.qwen_image.text_encoder import T2I_TEMPLATE
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
 TEXT_WIDTH = 128
-VAE_BATCH, VAE_CROP, VAE_LR = 16, 32, 6e-3
+VAE_BATCH, VAE_CROP, VAE_LR = 16, 32, 3e-3
 
 
-def build_tokenizer(folder: Path, captions: list[str]) -> int:
-    """A Qwen2-style byte-level BPE over the demo's words; returns the vocabulary size."""
+def build_tokenizer(folder: Path, captions: list[str], template=T2I_TEMPLATE.format) -> int:
+    """A Qwen2-style byte-level BPE over the demo's words in the prompt template `template(caption)`; returns the
+    vocabulary size."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
-    corpus = [T2I_TEMPLATE.format(c) for c in sorted(set(captions))] + ["user\n", "assistant\n", " "]
+    corpus = [template(c) for c in sorted(set(captions))] + ["user\n", "assistant\n", " "]
     trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=SPECIAL_TOKENS, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(corpus * 4, trainer)
@@ -59,8 +60,17 @@ def build_text_encoder(folder: Path, vocab: int, seed: int) -> None:
                          max_position_embeddings=4096,
                          rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]}),
         vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=TEXT_WIDTH,
-                           fullatt_block_indexes=[0]))
+                           fullatt_block_indexes=[0]),
+        # the vision tokens' ids in this tokenizer (the real model's are 151652-151656)
+        image_token_id=SPECIAL_TOKENS.index("<|image_pad|>"), video_token_id=SPECIAL_TOKENS.index("<|video_pad|>"),
+        vision_start_token_id=SPECIAL_TOKENS.index("<|vision_start|>"), vision_end_token_id=SPECIAL_TOKENS.index("<|vision_end|>"))
     Qwen2_5_VLForConditionalGeneration(config).save_pretrained(folder)
+    # An edit model reads control images through the VL processor; its pixel limit here keeps the demo's image to
+    # 16 vision tokens (the released processor allows 65,536: the DiT would see 200 per control at 384x384).
+    (folder.parent / "processor").mkdir(parents=True, exist_ok=True)
+    (folder.parent / "processor" / "preprocessor_config.json").write_text(json.dumps(
+        {"image_processor_type": "Qwen2VLImageProcessor", "min_pixels": 56 * 56, "max_pixels": 112 * 112,
+         "patch_size": 14, "merge_size": 2, "temporal_patch_size": 2}, indent=1))
 
 
 def build_dit(folder: Path, seed: int, layers: int) -> None:
@@ -184,8 +194,9 @@ def train_vae(folder: Path, images: list[Path], steps: int, seed: int) -> float:
     return mse
 
 
-def build_repo(root: Path, captions: list[str], images: list[Path], seed: int, vae_steps: int, dit_layers: int, clock) -> dict:
-    vocab = clock.run("tokenizer", build_tokenizer, root / "tokenizer", captions)
+def build_repo(root: Path, captions: list[str], images: list[Path], seed: int, vae_steps: int, dit_layers: int, clock,
+               template=T2I_TEMPLATE.format) -> dict:
+    vocab = clock.run("tokenizer", build_tokenizer, root / "tokenizer", captions, template)
     clock.run("text encoder", build_text_encoder, root / "text_encoder", vocab, seed)
     mse = clock.run("VAE training", train_vae, root / "vae", images, vae_steps, seed)
     clock.run("DiT", build_dit, root / "transformer", seed, dit_layers)

@@ -12,13 +12,19 @@ from PIL import Image, ImageDraw
 
 from flowtuner.cli import main as cli
 from flowtuner.demo.config import DemoConfig
-from flowtuner.demo.dataset import BACKGROUNDS, SHAPE_COLORS, SHAPES, caption, classify, write_dataset
+from flowtuner.demo.dataset import (
+    BACKGROUNDS, SHAPE_COLORS, SHAPES, caption, classify, draw_pair, edit_caption, write_dataset, write_edit_dataset,
+)
 from flowtuner.demo.models import build_repo
 from flowtuner.errors import FlowtunerError
+from flowtuner.families.qwen_image.edit_text import prompt_text
+from flowtuner.families.qwen_image.text_encoder import T2I_TEMPLATE
 
 SIZE = 64
 GOAL = 0.8
 PER_COMBINATION = 6  # images per (colour, shape, background): 216 in all
+EDIT_PER_COMBINATION = 2  # pairs per (colour before, colour after, shape, background): 216 in all
+EDIT_VERSION = "edit-2509"  # the version most LoRAs are trained for
 # One block: at the same CPU time, 1000 steps of one block reach the goal by a wider margin than 500 steps
 # of two (95 % against 88 % of 96 samples over two seeds; docs/performance.md).
 DIT_LAYERS = 1
@@ -62,13 +68,30 @@ def _grid(results: list[tuple[str, Path, str | None, str]], path: Path) -> None:
     sheet.save(path)
 
 
-def _prompts(path: Path, cfg: DemoConfig) -> None:
-    """One prompt per colour and shape, backgrounds taking turns; noise seeds follow --seed and never repeat."""
-    lines = []
+def _prompts(out: Path, cfg: DemoConfig) -> Path:
+    """One prompt per colour and shape, backgrounds taking turns; noise seeds follow --seed and never repeat.
+    With --edit each line also gets a fresh control image: the shape in another colour, which the prompt changes."""
+    lines, colors = [], list(SHAPE_COLORS)
     for k, (color, shape) in enumerate((c, s) for c in SHAPE_COLORS for s in SHAPES):
         background = list(BACKGROUNDS)[k % len(BACKGROUNDS)]
-        lines.append(f"{caption(color, shape, background)} --d {1000 * (cfg.seed + 1) + k * cfg.samples_per_prompt}")
+        seed = 1000 * (cfg.seed + 1) + k * cfg.samples_per_prompt
+        if cfg.edit:
+            before = colors[(colors.index(color) + 1 + k % 3) % len(colors)]
+            control = out / "sample_controls" / f"{k:02d}_{before}_{shape}.png"
+            control.parent.mkdir(parents=True, exist_ok=True)
+            draw_pair(SIZE, before, color, shape, background, cfg.seed * 1000 + k)[0].save(control)
+            lines.append(f"{edit_caption(shape, color)} --ci {control} --d {seed}")
+        else:
+            lines.append(f"{caption(color, shape, background)} --d {seed}")
+    path = out / "prompts.txt"
     path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _prompted(prompt: str, edit: bool) -> tuple[str, str]:
+    """(colour, shape) a sample's prompt asks for."""
+    words = prompt.split()
+    return (words[3], words[2]) if edit else (words[1], words[2])
 
 
 def run_demo(cfg: DemoConfig) -> dict:
@@ -77,16 +100,23 @@ def run_demo(cfg: DemoConfig) -> dict:
     out = Path(cfg.output_dir)
     if out.exists():
         shutil.rmtree(out)
-    images = out / "dataset"
-    captions = clock.run("dataset", write_dataset, images, SIZE, PER_COMBINATION, cfg.seed)
-    print(f"dataset: {len(captions)} images in {images}")
+    images, controls = out / "dataset", out / "controls"
+    if cfg.edit:
+        captions = clock.run("dataset", write_edit_dataset, images, controls, SIZE, EDIT_PER_COMBINATION, cfg.seed)
+        print(f"dataset: {len(captions)} image pairs in {images} (targets) and {controls} (controls)")
+    else:
+        captions = clock.run("dataset", write_dataset, images, SIZE, PER_COMBINATION, cfg.seed)
+        print(f"dataset: {len(captions)} images in {images}")
     repo = out / "models"
-    built = build_repo(repo, captions, sorted(images.glob("*.png")), cfg.seed, cfg.vae_steps, DIT_LAYERS, clock)
+    pictures = sorted(images.glob("*.png")) + sorted(controls.glob("*.png"))  # the VAE learns both
+    template = (lambda c: prompt_text(EDIT_VERSION, c, 1)) if cfg.edit else T2I_TEMPLATE.format
+    built = build_repo(repo, captions, pictures, cfg.seed, cfg.vae_steps, DIT_LAYERS, clock, template)
     print(f"tiny models in {repo}: tokenizer of {built['vocab']} tokens, VAE reconstruction MSE {built['vae_mse']:.4f}")
     config = out / "dataset.toml"
     config.write_text(f'[general]\nresolution = {SIZE}\ncaption_extension = ".txt"\nbatch_size = {cfg.batch_size}\n\n'
-                      f'[[datasets]]\nimage_directory = "{images}"\ncache_directory = "{out / "cache"}"\n')
-    model = ["--model", str(repo), "--device", cfg.device]
+                      f'[[datasets]]\nimage_directory = "{images}"\ncache_directory = "{out / "cache"}"\n'
+                      + (f'control_directory = "{controls}"\n' if cfg.edit else ""))
+    model = ["--model", str(repo), "--device", cfg.device] + (["--model_version", EDIT_VERSION] if cfg.edit else [])
     clock.run("dataset check", _step, "dataset check",
               ["dataset", "check", "--dataset_config", str(config), "--preview", str(out / "preview")])
     clock.run("cache latents", _step, "cache latents", ["cache-latents", "--dataset_config", str(config), *model])
@@ -99,13 +129,14 @@ def run_demo(cfg: DemoConfig) -> dict:
         # the colour is decided at high noise: sigmas shifted towards it reach the goal in fewer steps (92 % against
         # 81 % after 400 steps; the default qwen_shift hardly shifts at 16 image tokens)
         "--timestep_sampling", "shift", "--discrete_flow_shift", "3"])
-    prompts = out / "prompts.txt"
-    _prompts(prompts, cfg)
+    prompts = _prompts(out, cfg)
     samples = out / "samples"
     clock.run("sample", _step, "sample", [
         "generate", *model, "--dit", str(train_dir / "demo.safetensors"), "--from_file", str(prompts),
         "--image_size", str(SIZE), str(SIZE), "--infer_steps", str(cfg.sample_steps), "--guidance_scale", "1.0",
-        "--num_images", str(cfg.samples_per_prompt), "--save_path", str(samples)])
+        "--num_images", str(cfg.samples_per_prompt), "--save_path", str(samples),
+        # the control at the output size for the VAE, as the training caches hold it (the dataset default)
+        *(["--resize_control_to_image_size"] if cfg.edit else [])])
     return _score(out, samples, cfg, clock)
 
 
@@ -113,7 +144,7 @@ def _score(out: Path, samples: Path, cfg: DemoConfig, clock: Stopwatch) -> dict:
     results = []
     for path in sorted(samples.glob("*.png")):
         params = json.loads(Image.open(path).text["flowtuner"])
-        color, shape = params["prompt"].split()[1:3]
+        color, shape = _prompted(params["prompt"], cfg.edit)
         results.append((color, path, classify(Image.open(path)), shape))
     correct = sum(pred == color for color, _, pred, _ in results)
     accuracy = correct / max(1, len(results))
@@ -123,7 +154,8 @@ def _score(out: Path, samples: Path, cfg: DemoConfig, clock: Stopwatch) -> dict:
                "config": asdict(cfg), "grid": str(out / "samples_grid.png"), "loss_curve": str(out / "train" / "loss.png")}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     stages = ", ".join(f"{k} {v:.0f} s" for k, v in clock.seconds.items() if v >= 0.5)
-    text = (f"flowtuner demo: the prompted colour dominates the shape in {correct}/{len(results)} samples "
+    task = "the shape takes the colour the edit asks for" if cfg.edit else "the prompted colour dominates the shape"
+    text = (f"flowtuner demo{' --edit' if cfg.edit else ''}: {task} in {correct}/{len(results)} samples "
             f"({accuracy:.0%}; goal {GOAL:.0%}) after {cfg.train_steps} training steps; {summary['seconds']} s in all "
             f"({stages}).\nsample grid: {summary['grid']}\nloss curve: {summary['loss_curve']}\n")
     (out / "summary.txt").write_text(text)

@@ -3,6 +3,7 @@ encoder (edit_text.py) and given to the DiT as reference latents (edit.py). One 
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -29,6 +30,19 @@ CONTROL_NAME = re.compile(r"^latents_control_(\d+)_\d+x\d+x\d+$")
 MODELSPEC = {"edit": "Qwen-Image-Edit", "edit-2509": "Qwen-Image-Edit-Plus", "edit-2511": "Qwen-Image-Edit-2511"}
 
 
+def processor_config(paths: ModelPaths) -> dict | None:
+    """The VL image processor's config beside the model files: a diffusers repo's processor/, or a Hugging Face
+    Qwen2.5-VL folder given as the text encoder. None: the released models' values (edit_text.py)."""
+    te = Path(paths.text_encoder) if paths.text_encoder else None
+    repo = te if te is None or te.is_dir() else te.parent  # the text encoder's folder
+    candidates = [paths.model_root and Path(paths.model_root) / "processor", repo, repo and repo.parent / "processor"]
+    for folder in filter(None, candidates):
+        file = folder / "preprocessor_config.json"
+        if file.is_file():
+            return json.loads(file.read_text())
+    return None
+
+
 class QwenImageEditFamily(QwenImageFamily):
     name = "qwen_image_edit"
     cache_arch = "qie"  # musubi-tuner: one suffix for the three versions (text caches record the version)
@@ -40,6 +54,11 @@ class QwenImageEditFamily(QwenImageFamily):
         self.max_controls = IMAGE_COUNTS[version][1]
         self.modelspec_architecture = MODELSPEC[version]
         self.control_rule = "diffusers"
+
+    def plan_spec(self, paths):
+        # the reference latents' tokens join the sequence: the plan would have to model the control images
+        raise ConfigError(f"flowtuner plan: planning {self.modelspec_architecture} is not available yet; plan "
+                          "--model_version original for the text-to-image cost.")
 
     def configure(self, cfg) -> None:
         """musubi-tuner's --resize_control_to_official_size (wins, as in musubi) / --resize_control_to_image_size;
@@ -78,7 +97,7 @@ class QwenImageEditFamily(QwenImageFamily):
         te_path = require(paths, "text_encoder")
         near = [p for p in (te_path, paths.model_root, paths.dit) if p is not None]
         tokenizer = load_tokenizer(paths.tokenizer, [Path(p) for p in near], paths.comfyui_dir)
-        return QwenEditTextEncoder(load_vl_model(te_path, device), tokenizer, self.version)
+        return QwenEditTextEncoder(load_vl_model(te_path, device), tokenizer, self.version, processor_config(paths))
 
     def load_denoiser(self, paths: ModelPaths, device: torch.device, attn_mode: str = "torch") -> QwenImageEditDenoiser:
         dit, info = load_dit(require(paths, "dit"), device)

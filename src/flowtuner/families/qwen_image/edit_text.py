@@ -73,8 +73,14 @@ def text_recipe(version: str) -> str:
     return hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:16]
 
 
-def image_processor() -> Qwen2VLImageProcessorPil:
-    return Qwen2VLImageProcessorPil(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+def image_processor(config: dict | None = None) -> Qwen2VLImageProcessorPil:
+    """The VL image processor with the model's pixel limits: those of its `preprocessor_config.json` when the files
+    have one (diffusers repos keep it in processor/), else the released models' (MIN_PIXELS, MAX_PIXELS)."""
+    config = config or {}
+    size = config.get("size") or {}
+    low = config.get("min_pixels", size.get("shortest_edge", MIN_PIXELS))
+    high = config.get("max_pixels", size.get("longest_edge", MAX_PIXELS))
+    return Qwen2VLImageProcessorPil(min_pixels=low, max_pixels=high)
 
 
 def vl_image(version: str, image: PIL.Image.Image, size: tuple[int, int] | None = None) -> PIL.Image.Image:
@@ -103,11 +109,11 @@ class QwenEditTextEncoder(TextEncoder):
     """`encode(prompts, images)`: one Conditioning [1, L, D] per prompt; `images[i]` are prompt i's
     control images in order (v1: exactly one; 2509/2511: one to three)."""
 
-    def __init__(self, model: Qwen2_5_VLModel, tokenizer, version: str):
+    def __init__(self, model: Qwen2_5_VLModel, tokenizer, version: str, processor_config: dict | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.version = check_version(version)
-        self.processor = image_processor()
+        self.processor = image_processor(processor_config)
         self.image_pad = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
         self.im_start = tokenizer.convert_tokens_to_ids("<|im_start|>")
         self.user_newline = tokenizer("user\n", add_special_tokens=False)["input_ids"]
