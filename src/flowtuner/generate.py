@@ -106,15 +106,25 @@ def lora_pairs(cfg: GenerateConfig) -> list[tuple[str, float]]:
     return list(zip(files, mults))
 
 
-def load_denoiser_with_loras(family: Family, paths: ModelPaths, device, attn_mode: str, loras: list[tuple[str, float]]):
-    from flowtuner.train.lora import merge_into
+def load_denoiser_with_loras(family: Family, paths: ModelPaths, device, attn_mode: str, loras: list[tuple[str, float]],
+                             fp8: bool = False):
+    """With `fp8` (--fp8_base) the LoRAs stay unmerged, applied by forward hooks in float32: merging into fp8
+    weights re-rounds the LoRA's change (measured: 1.5x its error, docs/memory.md "fp8 base")."""
+    from flowtuner.train.lora import LoRANetwork, merge_into
     from flowtuner.train.lora_formats import read_lora_file
+    from flowtuner.weights.fp8 import fp8_base
 
-    denoiser = family.load_denoiser(paths, device, attn_mode)
+    with fp8_base(fp8):
+        denoiser = family.load_denoiser(paths, device, attn_mode)
     for file, multiplier in loras:
         weights = read_lora_file(file, *family.lora_names())
-        merge_into(denoiser.module, weights, multiplier, source=f"--lora_weight {file}")
-        log.info("merged LoRA %s (x%s, %d modules)", file, multiplier, len(weights))
+        source = f"--lora_weight {file}"
+        if fp8:
+            network = LoRANetwork.from_weights(denoiser.module, weights, source).to(denoiser.device).attach()
+            network.set_multiplier(multiplier)
+        else:
+            merge_into(denoiser.module, weights, multiplier, source=source)
+        log.info("%s LoRA %s (x%s, %d modules)", "applied (unmerged)" if fp8 else "merged", file, multiplier, len(weights))
     return denoiser
 
 
@@ -130,8 +140,8 @@ def save_merged(family: Family, paths: ModelPaths, cfg: GenerateConfig) -> Path:
 
 def sample_all(family: Family, paths: ModelPaths, jobs: list[Job], conds: dict[tuple, Conditioning],
                device: torch.device, attn_mode: str, loras: list[tuple[str, float]] = (),
-               inits: dict[tuple, InitImage] | None = None) -> list[tuple[Job, int, torch.Tensor]]:
-    denoiser = load_denoiser_with_loras(family, paths, device, attn_mode, list(loras))
+               inits: dict[tuple, InitImage] | None = None, fp8: bool = False) -> list[tuple[Job, int, torch.Tensor]]:
+    denoiser = load_denoiser_with_loras(family, paths, device, attn_mode, list(loras), fp8)
     inits = inits or {}
     total = sum(step_count(family, j, denoiser.geometry(j.height, j.width).image_tokens) * j.num_images for j in jobs)
     with tqdm(total=total, desc="sampling", unit="step") as bar:
@@ -153,6 +163,9 @@ def run(cfg: GenerateConfig, family: Family | None = None) -> list[Path]:
     paths = family.resolve_paths(dit=cfg.dit, vae=cfg.vae, text_encoder=cfg.text_encoder, tokenizer=cfg.tokenizer,
                                  model=cfg.model, comfyui_dir=cfg.comfyui_dir)
     if cfg.save_merged_model:
+        if cfg.fp8_base:
+            raise ConfigError("--save_merged_model with --fp8_base: the merged DiT is saved in the file's precision; "
+                              "drop --fp8_base (it only lowers the memory of a generation).")
         family.validate(paths, ("dit",))
         return [save_merged(family, paths, cfg)]
     jobs = make_jobs(cfg, family)
@@ -168,7 +181,7 @@ def run(cfg: GenerateConfig, family: Family | None = None) -> list[Path]:
         conds = conditioning.with_controls(family, conds, codec)
         del codec
         release_cache()
-    results = sample_all(family, paths, jobs, conds, device, cfg.attn_mode, lora_pairs(cfg), inits)
+    results = sample_all(family, paths, jobs, conds, device, cfg.attn_mode, lora_pairs(cfg), inits, cfg.fp8_base)
     out_dir, written = Path(cfg.save_path), []
     if cfg.output_type in ("latent", "latent_images"):
         written += [save_latent(lat, out_dir, params_of(job, seed, paths)) for job, seed, lat in results]

@@ -47,4 +47,7 @@ class GenerateConfig(SamplingConfig, ModelVersion, ModelFiles):
     num_images: int = opt(1, "images per prompt")
     lora_weight: list[str] | None = opt(help="LoRA files (kohya/musubi, diffusers, ComfyUI layouts), merged into the DiT at load")
     lora_multiplier: list[float] | None = opt(help="one multiplier per --lora_weight (default 1.0 each)")
+    fp8_base: bool = opt(False, "store the DiT's block Linears in fp8 (float8_e4m3fn), computed in the weights' dtype; "
+                                "fp8 files load as they are; --lora_weight LoRAs stay unmerged (docs/memory.md)",
+                         aliases=("fp8",))
     save_merged_model: str | None = opt(help="merge the LoRAs into the DiT, save it to this .safetensors file, and stop")

@@ -68,6 +68,8 @@ NO_WANDB = "wandb is not available; --log_with tensorboard is"
 READER = "flowtuner reads safetensors with its own reader (one copy in RAM); nothing to disable"
 LAYERS = "flowtuner counts the blocks in the DiT file"
 SWAP_ONLY = "only matters with --blocks_to_swap, which is not available yet"
+FP8_SCALED = ("scaled fp8 DiT weights are not available yet; use --fp8_base (plain e4m3fn; fp8 and fp8_scaled DiT "
+              "files load as they are with it)")
 METADATA = "flowtuner writes its own modelspec.* metadata; this value is not used"
 
 COMPILE: dict[str, Flag] = {
@@ -100,9 +102,7 @@ TRAIN: dict[str, Flag] = {
     "persistent_data_loader_workers": Flag(FLAG, "flowtuner's loader threads persist anyway"),
     "gradient_checkpointing_cpu_offload": Flag(FLAG, "activations are not offloaded to the CPU; plain "
                                                      "--gradient_checkpointing applies when given"),
-    "fp8_base": Flag(FLAG, "fp8 base weights for training are " + MEMORY_WORK, refuse=True),
-    "fp8_scaled": Flag(FLAG, "scaled fp8 base weights are " + MEMORY_WORK + "; fp8 / fp8_scaled DiT files load without "
-                             "it (dequantised)", refuse=True),
+    "fp8_scaled": Flag(FLAG, FP8_SCALED, refuse=True),
     "fp8_vl": Flag(FLAG, "an fp8 text encoder is " + MEMORY_WORK, refuse=True),
     "blocks_to_swap": Flag(INT, "block swapping is " + MEMORY_WORK, refuse=True),
     "use_pinned_memory_for_block_swap": Flag(FLAG, SWAP_ONLY),
@@ -175,10 +175,7 @@ GENERATE: dict[str, Flag] = {
     "output_layers": Flag(INT, LAYERED_ONLY),
     "append_original_name": Flag(FLAG, "output names are flowtuner's own (time stamp and seed)"),
     "embedded_cfg_scale": Flag(FLOAT, "unused by Qwen-Image (musubi-tuner only writes it into the metadata)"),
-    "fp8": Flag(FLAG, "casting the DiT to fp8 is " + MEMORY_WORK + "; fp8 / fp8_scaled DiT files load without it "
-                      "(dequantised)", refuse=True),
-    "fp8_scaled": Flag(FLAG, "scaled fp8 DiT weights are " + MEMORY_WORK + "; fp8 / fp8_scaled DiT files load without it "
-                             "(dequantised)", refuse=True),
+    "fp8_scaled": Flag(FLAG, FP8_SCALED, refuse=True),
     "blocks_to_swap": Flag(INT, "block swapping is " + MEMORY_WORK, refuse=True),
     "use_pinned_memory_for_block_swap": Flag(FLAG, SWAP_ONLY),
     "no_metadata": Flag(FLAG, "flowtuner always embeds the generation parameters in its outputs"),

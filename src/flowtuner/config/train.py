@@ -35,6 +35,8 @@ class TrainConfig(ModelVersion, ModelFiles):
     seed: int | None = opt(help="random seed: data order, noise, timesteps (default: random, recorded)")
     mixed_precision: str = opt("no", "autocast precision", choices=("no", "fp16", "bf16"))
     gradient_accumulation_steps: int = opt(1, "micro-batches per optimizer step")
+    fp8_base: bool = opt(False, "train: store the frozen DiT's block Linears in fp8 (float8_e4m3fn), computed in the "
+                                "mixed precision; the LoRA stays fp32 (docs/memory.md); finetune refuses it")
     gradient_checkpointing: bool = opt(False, "recompute block activations in backward (less memory, ~30% slower)")
     max_data_loader_n_workers: int = opt(2, "cache reader threads")
     device: str | None = opt(help="device (default: cuda when available; accelerate launch decides otherwise)")

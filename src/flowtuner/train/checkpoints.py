@@ -50,7 +50,7 @@ def lora_metadata(trainer, pos, network) -> dict[str, str]:
             "ss_optimizer_args": json.dumps(cfg.optimizer_args or []), "ss_lr_scheduler": cfg.lr_scheduler,
             "ss_lr_warmup_steps": str(cfg.lr_warmup_steps), "ss_max_grad_norm": str(cfg.max_grad_norm),
             "ss_network_dropout": str(cfg.network_dropout), "ss_mixed_precision": cfg.mixed_precision,
-            "ss_gradient_checkpointing": str(cfg.gradient_checkpointing),
+            "ss_gradient_checkpointing": str(cfg.gradient_checkpointing), "ss_fp8_base": str(cfg.fp8_base),
             "ss_gradient_accumulation_steps": str(cfg.gradient_accumulation_steps), "ss_max_train_steps": str(cfg.max_train_steps),
             "ss_timestep_sampling": cfg.timestep_sampling, "ss_weighting_scheme": cfg.weighting_scheme,
             "ss_sigmoid_scale": str(cfg.sigmoid_scale), "ss_discrete_flow_shift": str(cfg.discrete_flow_shift),

@@ -31,6 +31,7 @@ from flowtuner.train.lora import LoRANetwork, kohya_name, select_modules
 from flowtuner.train.objective import per_sample_loss
 from flowtuner.train.optim import make_optimizer, make_schedule, parse_kv
 from flowtuner.train.state import capture_rng, load_state, restore_rng
+from flowtuner.weights.fp8 import fp8_base
 
 log = logging.getLogger(__name__)
 # --network_module values every family accepts; the family adds musubi-tuner's name for its own module
@@ -97,6 +98,9 @@ class Trainer:
         self.weighting = loss_weighting(cfg.timestep_sampling, cfg.weighting_scheme)  # `sigma` samples from density schemes
         self.weight_opts = {"logit_mean": cfg.logit_mean or 0.0, "logit_std": cfg.logit_std or 1.0, "mode_scale": cfg.mode_scale}
         self.net_opts = None if full else cfg.network_options()  # --network_args errors before any model loads
+        if full and cfg.fp8_base:  # musubi-tuner's qwen_image_train.py switches it off; a refusal says why
+            raise ConfigError("--fp8_base: full fine-tuning trains every DiT weight, which fp8 storage cannot update; "
+                              "use it with `flowtuner train` (LoRA) or drop it (see --full_bf16).")
         if not full and cfg.network_module not in (*NETWORK_ALIASES, self.family.network_module):
             raise ConfigError(f"--network_module {cfg.network_module}: unknown; use lora ({self.family.network_module} is accepted).")
         self.seed = cfg.seed if cfg.seed is not None else random.randrange(2**31)
@@ -207,7 +211,8 @@ class Trainer:
                                   cpu=(cfg.device == "cpu") or (cfg.device is None and not torch.cuda.is_available()))
         device = accelerator.device if cfg.device is None else pick_device(cfg.device)
         conds = self._encode_samples(paths, jobs, device) if jobs else {}
-        denoiser = self.family.load_denoiser(paths, device, "sdpa" if cfg.sdpa else cfg.attn_mode)
+        with fp8_base(cfg.fp8_base):
+            denoiser = self.family.load_denoiser(paths, device, "sdpa" if cfg.sdpa else cfg.attn_mode)
         if cfg.gradient_checkpointing:
             denoiser.module.enable_gradient_checkpointing()
         network = self._network(denoiser)

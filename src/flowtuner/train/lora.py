@@ -179,8 +179,13 @@ def check_modules(model: nn.Module, weights: dict[str, LoRAWeights], source: str
 
 @torch.no_grad()
 def merge_into(model: nn.Module, weights: dict[str, LoRAWeights], multiplier: float = 1.0, source: str = "LoRA") -> None:
-    """W <- W + multiplier * (alpha / rank) * up @ down, computed in float32."""
+    """W <- W + multiplier * (alpha / rank) * up @ down, computed in float32 (fp8 weights: re-quantised)."""
+    from flowtuner.weights.fp8 import Fp8Linear
+
     check_modules(model, weights, source)
     for path, w in weights.items():
         linear = model.get_submodule(path)
+        if isinstance(linear, Fp8Linear):
+            linear.merge_(multiplier * w.delta())
+            continue
         linear.weight.copy_((linear.weight.float() + multiplier * w.delta().to(linear.weight.device)).to(linear.weight.dtype))

@@ -44,6 +44,19 @@ def read_dequantized(ckpt: Checkpoint, key: str, dtype: torch.dtype) -> torch.Te
     return tensor.to(dtype) if tensor.is_floating_point() else tensor
 
 
+def read_fp8(ckpt: Checkpoint, key: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`key` as an e4m3fn weight and its per-tensor scale (None: unscaled): e4m3fn files (ComfyUI fp8_e4m3fn and
+    fp8_scaled) as they are, anything else quantised from its own dtype, one tensor at a time."""
+    from flowtuner.weights.fp8 import FP8, quantise
+
+    tensor = ckpt.read(key)
+    scale_key = key[: -len(".weight")] + ".scale_weight"
+    scale = ckpt.read(scale_key).to(torch.float32) if tensor.dtype in FP8_DTYPES and scale_key in ckpt else None
+    if tensor.dtype == FP8:
+        return tensor, scale
+    return quantise(read_dequantized(ckpt, key, torch.float32)), None
+
+
 def storage_dtype(ckpt: Checkpoint, probe_key: str) -> torch.dtype:
     """The float dtype weights are computed in: the file's own dtype, fp8 promoted to bf16."""
     dtype = ckpt.dtype(probe_key)

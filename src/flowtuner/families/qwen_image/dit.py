@@ -15,8 +15,9 @@ from diffusers import QwenImageTransformer2DModel
 from flowtuner.errors import WeightsError
 from flowtuner.families.identify import describe
 from flowtuner.weights.materialize import (
-    assign_weights, build_empty, check_supported_quantisation, is_auxiliary, read_dequantized, storage_dtype,
+    assign_weights, build_empty, check_supported_quantisation, is_auxiliary, read_dequantized, read_fp8, storage_dtype,
 )
+from flowtuner.weights.fp8 import DEFAULT_POLICY, POLICIES, convert_linears, fp8_requested
 from flowtuner.weights.reader import Checkpoint, open_checkpoint
 
 log = logging.getLogger(__name__)
@@ -107,14 +108,33 @@ def module_key(key: str, remap: dict[int, int]) -> str:
     return f"transformer_blocks.{remap[int(m.group(1))]}.{m.group(2)}" if m else key
 
 
-def load_dit(path: str | Path, device: torch.device | str = "cpu") -> tuple[QwenImageTransformer2DModel, DiTInfo]:
+def load_dit(path: str | Path, device: torch.device | str = "cpu",
+             fp8: bool | None = None) -> tuple[QwenImageTransformer2DModel, DiTInfo]:
+    """`fp8`: store the block Linears as float8_e4m3fn (None: as the enclosing `fp8_base()` context says)."""
     ckpt = open_checkpoint(path)
     info = inspect_dit(ckpt)
     sub = ckpt.select(info.prefix)
     model = build_empty(lambda: QwenImageTransformer2DModel.from_config(info.config))
-    items = (
-        (module_key(k, info.block_remap), read_dequantized(sub, k, info.dtype))
-        for k in sub.keys() if not is_auxiliary(k)
-    )
-    assign_weights(model, items, ckpt)
+    targets = POLICIES[DEFAULT_POLICY].targets(model) if (fp8_requested() if fp8 is None else fp8) else set()
+    scaled = {module_key(k[: -len(".scale_weight")], info.block_remap): sub.shape(k)
+              for k in sub.keys() if k.endswith(".scale_weight")}
+    convert_linears(model, targets, {p: s for p, s in scaled.items() if p in targets})
+    assign_weights(model, _stream(sub, info, targets), ckpt)
     return model.to(device).eval().requires_grad_(False), info
+
+
+def _stream(sub: Checkpoint, info: DiTInfo, fp8_targets: set[str]):
+    """(module key, tensor) one at a time: fp8 targets quantised (or kept as the file's fp8), the rest in the
+    compute dtype, so the model never exists in high precision in RAM."""
+    for key in sub.keys():
+        if is_auxiliary(key):
+            continue
+        name = module_key(key, info.block_remap)
+        path, _, leaf = name.rpartition(".")
+        if leaf == "weight" and path in fp8_targets:
+            weight, scale = read_fp8(sub, key)
+            yield name, weight
+            if scale is not None:
+                yield f"{path}.scale_weight", scale
+        else:
+            yield name, read_dequantized(sub, key, info.dtype)

@@ -1,0 +1,149 @@
+"""fp8 base weights (`--fp8_base`): Linear weights stored as float8_e4m3fn and up-cast inside the forward to
+the compute dtype, quantised tensor by tensor while a checkpoint streams in.
+
+Which Linears are stored in fp8 is a policy (a table: docs/memory.md "fp8 base" has the measured errors); the
+default keeps everything outside the transformer blocks (img_in, txt_in, the timestep embedding, norm_out,
+proj_out) and every norm in the file's dtype, as musubi-tuner's fp8 layer choice does.
+
+The backward pass never keeps an up-cast copy of a weight: Fp8LinearFunction saves the fp8 tensor and up-casts it
+again for the input gradient, so a frozen fp8 base costs one byte per weight in training too, with or without
+gradient checkpointing (plain autocast up-casting keeps a bf16 copy of every weight alive until backward).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8).max  # 448
+
+
+@dataclass(frozen=True)
+class Fp8Policy:
+    """Linear module paths (full match) whose weights are stored in fp8; the rest keep the file's dtype."""
+
+    pattern: str
+    note: str
+
+    def targets(self, model: nn.Module) -> set[str]:
+        rx = re.compile(self.pattern)
+        return {name for name, m in model.named_modules() if isinstance(m, nn.Linear) and rx.fullmatch(name)}
+
+
+# Measured on the loud tiny DiT (docs/memory.md "fp8 base"); `blocks` is what --fp8_base uses.
+POLICIES: dict[str, Fp8Policy] = {
+    "blocks": Fp8Policy(r"transformer_blocks\.\d+\..*", "every Linear of the blocks, modulation (img_mod / txt_mod) included"),
+    "blocks_no_mod": Fp8Policy(r"transformer_blocks\.\d+\.(?!img_mod|txt_mod).*", "block Linears except the modulation"),
+    "all_linears": Fp8Policy(r".*", "every Linear, the stem (img_in, txt_in, timestep embedding, norm_out, proj_out) too"),
+}
+DEFAULT_POLICY = "blocks"
+
+_requested: ContextVar[bool] = ContextVar("fp8_base", default=False)
+
+
+@contextmanager
+def fp8_base(enabled: bool = True) -> Iterator[None]:
+    """Models loaded inside store their base Linears in fp8 (lets the command choose without every family's
+    loader signature carrying the option)."""
+    token = _requested.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _requested.reset(token)
+
+
+def fp8_requested() -> bool:
+    return _requested.get()
+
+
+def quantise(tensor: torch.Tensor) -> torch.Tensor:
+    """Round to e4m3fn, saturating at +-448 (real DiT weights are far below; the clamp makes the rule explicit)."""
+    if tensor.dtype == FP8:
+        return tensor
+    return tensor.float().clamp_(-FP8_MAX, FP8_MAX).to(FP8)
+
+
+def _dequantised(weight: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    w = weight.to(dtype)
+    return w * scale.to(dtype) if scale is not None else w
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+class Fp8LinearFunction(torch.autograd.Function):
+    """y = x W^T + b with W up-cast on the fly; saves the fp8 W (not the up-cast copy) for the input gradient.
+    The base is frozen: no gradient for W, the scale or the bias."""
+
+    @staticmethod
+    def forward(ctx, x, weight, scale, bias):
+        dtype = _compute_dtype(x)
+        ctx.save_for_backward(weight, scale)
+        ctx.x_dtype = x.dtype
+        b = bias.to(dtype) if bias is not None else None
+        return F.linear(x.to(dtype), _dequantised(weight, scale, dtype), b)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        weight, scale = ctx.saved_tensors
+        grad_x = grad_out @ _dequantised(weight, scale, grad_out.dtype) if ctx.needs_input_grad[0] else None
+        return (grad_x.to(ctx.x_dtype) if grad_x is not None else None), None, None, None
+
+
+class Fp8Linear(nn.Linear):
+    """An nn.Linear (LoRA selection, hooks and state-dict keys see an ordinary Linear) whose weight is fp8.
+    `scale_weight` (a per-tensor buffer) exists only for ComfyUI fp8_scaled files loaded as they are."""
+
+    scale_weight: torch.Tensor | None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight.requires_grad:
+            raise RuntimeError("an fp8 base weight is frozen; full fine-tuning cannot train fp8 weights")
+        return Fp8LinearFunction.apply(x, self.weight, getattr(self, "scale_weight", None), self.bias)
+
+    def dequantised(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return _dequantised(self.weight, getattr(self, "scale_weight", None), dtype)
+
+    @torch.no_grad()
+    def merge_(self, delta: torch.Tensor) -> None:
+        """W <- W + delta in float32, re-quantised with the same scale (musubi-tuner merges before quantising)."""
+        scale = getattr(self, "scale_weight", None)
+        merged = self.dequantised(torch.float32) + delta.to(self.weight.device, torch.float32)
+        self.weight.copy_(quantise(merged / scale.float() if scale is not None else merged))
+
+
+def convert_linears(model: nn.Module, targets: set[str], scaled: dict[str, torch.Size]) -> None:
+    """Turn the target Linears (still on the meta device) into Fp8Linear before their weights are assigned;
+    `scaled`: target -> shape of its per-tensor scale in the file."""
+    for path in targets:
+        module = model.get_submodule(path)
+        module.__class__ = Fp8Linear
+        if path in scaled:
+            module.register_buffer("scale_weight", torch.empty(scaled[path], dtype=torch.float32))
+
+
+@torch.no_grad()
+def quantise_module(model: nn.Module, policy: str = DEFAULT_POLICY) -> nn.Module:
+    """An already-loaded model's policy Linears to fp8, in place (models built in memory: benchmarks, tests)."""
+    for path in POLICIES[policy].targets(model):
+        module = model.get_submodule(path)
+        module.__class__ = Fp8Linear
+        module.weight = nn.Parameter(quantise(module.weight.data), requires_grad=False)
+    return model
+
+
+def fp8_bytes(model: nn.Module) -> tuple[int, int]:
+    """(bytes of fp8 parameters, bytes of all parameters)."""
+    params = list(model.parameters())
+    return (sum(p.numel() * p.element_size() for p in params if p.dtype == FP8),
+            sum(p.numel() * p.element_size() for p in params))
