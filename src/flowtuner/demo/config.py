@@ -13,7 +13,7 @@ class DemoConfig:
     output_dir: str = opt("demo_output", "folder for everything the demo writes (replaced)")
     seed: int = opt(0, "seed of the data, the models, training and the sampling noise (default: 0)")
     vae_steps: int = opt(800, "steps of VAE reconstruction training (batches of 16 random 32x32 crops)")
-    train_steps: int = opt(1000, "DiT training steps (`flowtuner finetune`: full fine-tune, cosine decay after a 5% "
+    train_steps: int = opt(1500, "DiT training steps (`flowtuner finetune`: full fine-tune, cosine decay after a 5% "
                                  "warm-up, sigmas drawn with --timestep_sampling shift --discrete_flow_shift 3)")
     batch_size: int = opt(32, "DiT training batch size")
     learning_rate: float = opt(4e-3, "DiT learning rate")
