@@ -1,5 +1,5 @@
 """`--fp8_base` error against bf16 on the loud tiny DiT: which Linears to store in fp8 (the policies of
-flowtuner.weights.fp8.POLICIES) and how to apply a LoRA to an fp8 model (merge + re-quantise vs unmerged).
+flowtuner.families.qwen_image.dit.FP8_POLICIES) and how to apply a LoRA to an fp8 model (merge + re-quantise vs unmerged).
 
 The loud tiny DiT is tests/test_edit_dit.py's (QK-norm gains and modulation x3, so errors do not hide in a
 flat model). Everything runs in bf16 on the CPU; errors are relative to the bf16 model's output:
@@ -17,7 +17,8 @@ import torch
 
 from flowtuner.families.qwen_image.tiny import tiny_dit
 from flowtuner.train.lora import LoRANetwork, LoRAWeights, merge_into
-from flowtuner.weights.fp8 import POLICIES, fp8_bytes, quantise_module
+from flowtuner.families.qwen_image.dit import FP8_DEFAULT, FP8_POLICIES as POLICIES
+from flowtuner.weights.fp8 import fp8_bytes, quantise_module
 
 DT = torch.bfloat16
 
@@ -75,7 +76,7 @@ def main() -> None:
     ref_call, ref_lat = one_call(base), euler(base)
     print("policy          fp8 byte share  call max / norm      latents max / norm")
     for name in POLICIES:
-        model = quantise_module(copy.deepcopy(base), name)
+        model = quantise_module(copy.deepcopy(base), POLICIES[name])
         f8, total = fp8_bytes(model)
         c, lat = rel(ref_call, one_call(model)), rel(ref_lat, euler(model))
         print(f"{name:15s} {f8 / total:6.3f}          {c[0]:.4f} / {c[1]:.4f}     {lat[0]:.4f} / {lat[1]:.4f}")
@@ -85,10 +86,10 @@ def main() -> None:
     merge_into(merged_ref, lora)
     ref = one_call(merged_ref)
     effect = ref - ref_call  # what the LoRA changes in bf16
-    fp8_base = one_call(quantise_module(copy.deepcopy(base)))
-    requant = quantise_module(copy.deepcopy(base))
+    fp8_base = one_call(quantise_module(copy.deepcopy(base), POLICIES[FP8_DEFAULT]))
+    requant = quantise_module(copy.deepcopy(base), POLICIES[FP8_DEFAULT])
     merge_into(requant, lora)
-    unmerged = quantise_module(copy.deepcopy(base))
+    unmerged = quantise_module(copy.deepcopy(base), POLICIES[FP8_DEFAULT])
     network = LoRANetwork.from_weights(unmerged, lora, "bench").attach()
     print(f"LoRA effect ||ref - base|| / ||ref||: {float(effect.norm() / ref.norm()):.4f}")
     for label, model in (("merge + re-quantise", requant), ("unmerged (hooks)", unmerged)):

@@ -1,9 +1,10 @@
 """fp8 base weights (`--fp8_base`): Linear weights stored as float8_e4m3fn and up-cast inside the forward to
 the compute dtype, quantised tensor by tensor while a checkpoint streams in.
 
-Which Linears are stored in fp8 is a policy (a table: docs/memory.md "fp8 base" has the measured errors); the
-default keeps everything outside the transformer blocks (img_in, txt_in, the timestep embedding, norm_out,
-proj_out) and every norm in the file's dtype, as musubi-tuner's fp8 layer choice does.
+Which Linears are stored in fp8 is a policy the family gives (Qwen-Image: families/qwen_image/dit.py FP8_POLICIES;
+docs/memory.md "fp8 base" has the measured errors); its default keeps everything outside the transformer blocks
+(img_in, txt_in, the timestep embedding, norm_out, proj_out) and every norm in the file's dtype, as musubi-tuner's
+fp8 layer choice does.
 
 The backward pass never keeps an up-cast copy of a weight: Fp8LinearFunction saves the fp8 tensor and up-casts it
 again for the input gradient, so a frozen fp8 base costs one byte per weight in training too, with or without
@@ -37,14 +38,6 @@ class Fp8Policy:
         rx = re.compile(self.pattern)
         return {name for name, m in model.named_modules() if isinstance(m, nn.Linear) and rx.fullmatch(name)}
 
-
-# Measured on the loud tiny DiT (docs/memory.md "fp8 base"); `blocks` is what --fp8_base uses.
-POLICIES: dict[str, Fp8Policy] = {
-    "blocks": Fp8Policy(r"transformer_blocks\.\d+\..*", "every Linear of the blocks, modulation (img_mod / txt_mod) included"),
-    "blocks_no_mod": Fp8Policy(r"transformer_blocks\.\d+\.(?!img_mod|txt_mod).*", "block Linears except the modulation"),
-    "all_linears": Fp8Policy(r".*", "every Linear, the stem (img_in, txt_in, timestep embedding, norm_out, proj_out) too"),
-}
-DEFAULT_POLICY = "blocks"
 
 _requested: ContextVar[bool] = ContextVar("fp8_base", default=False)
 
@@ -133,9 +126,9 @@ def convert_linears(model: nn.Module, targets: set[str], scaled: dict[str, torch
 
 
 @torch.no_grad()
-def quantise_module(model: nn.Module, policy: str = DEFAULT_POLICY) -> nn.Module:
+def quantise_module(model: nn.Module, policy: Fp8Policy) -> nn.Module:
     """An already-loaded model's policy Linears to fp8, in place (models built in memory: benchmarks, tests)."""
-    for path in POLICIES[policy].targets(model):
+    for path in policy.targets(model):
         module = model.get_submodule(path)
         module.__class__ = Fp8Linear
         module.weight = nn.Parameter(quantise(module.weight.data), requires_grad=False)

@@ -17,7 +17,7 @@ from flowtuner.families.identify import describe
 from flowtuner.weights.materialize import (
     assign_weights, build_empty, check_supported_quantisation, is_auxiliary, read_dequantized, read_fp8, storage_dtype,
 )
-from flowtuner.weights.fp8 import DEFAULT_POLICY, POLICIES, convert_linears, fp8_requested
+from flowtuner.weights.fp8 import Fp8Policy, convert_linears, fp8_requested
 from flowtuner.weights.reader import Checkpoint, open_checkpoint
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,16 @@ class DiTInfo:
     dtype: torch.dtype
     index_timestep_zero: bool
     block_remap: dict[int, int]
+
+
+# Which DiT Linears --fp8_base stores in fp8, measured on the loud tiny DiT (docs/memory.md "fp8 base"); `blocks`
+# is what --fp8_base uses (as musubi-tuner).
+FP8_POLICIES: dict[str, Fp8Policy] = {
+    "blocks": Fp8Policy(r"transformer_blocks\.\d+\..*", "every Linear of the blocks, modulation (img_mod / txt_mod) included"),
+    "blocks_no_mod": Fp8Policy(r"transformer_blocks\.\d+\.(?!img_mod|txt_mod).*", "block Linears except the modulation"),
+    "all_linears": Fp8Policy(r".*", "every Linear, the stem (img_in, txt_in, timestep embedding, norm_out, proj_out) too"),
+}
+FP8_DEFAULT = "blocks"
 
 
 def find_prefix(ckpt: Checkpoint, probe: str, prefixes: tuple[str, ...]) -> str | None:
@@ -115,7 +125,7 @@ def load_dit(path: str | Path, device: torch.device | str = "cpu",
     info = inspect_dit(ckpt)
     sub = ckpt.select(info.prefix)
     model = build_empty(lambda: QwenImageTransformer2DModel.from_config(info.config))
-    targets = POLICIES[DEFAULT_POLICY].targets(model) if (fp8_requested() if fp8 is None else fp8) else set()
+    targets = FP8_POLICIES[FP8_DEFAULT].targets(model) if (fp8_requested() if fp8 is None else fp8) else set()
     scaled = {module_key(k[: -len(".scale_weight")], info.block_remap): sub.shape(k)
               for k in sub.keys() if k.endswith(".scale_weight")}
     convert_linears(model, targets, {p: s for p, s in scaled.items() if p in targets})
