@@ -26,7 +26,7 @@ from flowtuner.weights.reader import open_checkpoint
 # musubi-tuner's latent-cache names of the control latents (without the dtype suffix): latents_control_{i}_1x{h}x{w}
 CONTROL_NAME = re.compile(r"^latents_control_(\d+)_\d+x\d+x\d+$")
 
-# --model_version -> (modelspec architecture as musubi-tuner writes it, its default resolution)
+# --model_version -> modelspec architecture as musubi-tuner writes it
 MODELSPEC = {"edit": "Qwen-Image-Edit", "edit-2509": "Qwen-Image-Edit-Plus", "edit-2511": "Qwen-Image-Edit-2511"}
 
 
