@@ -144,14 +144,6 @@ def test_docs_list_every_dataset_key_with_its_default():
     assert "| `resolution` | general, dataset | `[960, 544]` |" in docs
 
 
-def test_fp8_vl_says_it_is_not_available(tmp_path, capsys):
-    from flowtuner.cli import main
-    from tests.datasets import good_dataset
-
-    rc = main(["cache-text", "--dataset_config", str(good_dataset(tmp_path)), "--text_encoder", "x", "--fp8_vl"])
-    assert rc == 2 and "--fp8_vl is not available yet" in capsys.readouterr().err
-
-
 def test_jsonl_items_controls_and_missing_captions(folders, monkeypatch):
     from flowtuner.data.sources import collect_items
     from tests.datasets import noise_image

@@ -280,3 +280,40 @@ def test_merge_into_an_fp8_linear_requantises():
     assert layer.weight.dtype == FP8
     assert torch.equal(layer.weight, quantise(before + 0.5))
 
+
+
+def test_fp8_vl_stores_the_text_encoders_linears_in_fp8_and_caches_stay_bf16(tmp_path, tiny_files):
+    """--fp8_vl (cache-text, generate, training previews): the decoder layers' Linears in e4m3fn, embeddings and
+    norms as the file has them; the embeddings come out close to the high-precision ones, in the compute dtype."""
+    from flowtuner.families.qwen_image.text_encoder import load_text_model
+    from flowtuner.weights.fp8 import fp8_text_encoder
+    from tests.datasets import good_dataset
+
+    te = tiny_files["comfy"] / "models" / "text_encoders" / "qwen_2.5_vl_tiny.safetensors"
+    plain = load_text_model(te)
+    with fp8_text_encoder():
+        small = load_text_model(te)
+    linears = {n: m for n, m in small.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert linears and all(m.weight.dtype == FP8 for m in linears.values())
+    assert small.embed_tokens.weight.dtype == plain.embed_tokens.weight.dtype != FP8
+    ids = torch.tensor([[5, 17, 42, 99, 3]])
+    a, b = plain(input_ids=ids).last_hidden_state, small(input_ids=ids).last_hidden_state
+    err = float((a - b).abs().max() / a.abs().max())
+    assert b.dtype == a.dtype and 0 < err < 0.1, err
+    config = good_dataset(tmp_path)
+    args = ["cache-text", "--dataset_config", str(config), "--text_encoder", str(te), "--tokenizer", str(tiny_files["tokenizer"]),
+            "--device", "cpu"]
+    assert main([*args, "--fp8_vl"]) == 0
+    cache = sorted((tmp_path / "cache").glob("*_qi_te.safetensors"))
+    assert cache and all(t.dtype == torch.bfloat16 for f in cache for t in load_file(f).values())
+
+
+def test_fp8_vl_for_the_edit_models_keeps_the_vision_tower(tiny_files):
+    from flowtuner.families.qwen_image.vision import load_vl_model
+    from flowtuner.weights.fp8 import fp8_text_encoder
+
+    with fp8_text_encoder():
+        model = load_vl_model(tiny_files["repo"] / "text_encoder")
+    dtypes = {n: m.weight.dtype for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert {d for n, d in dtypes.items() if n.startswith("language_model.layers.")} == {FP8}
+    assert FP8 not in {d for n, d in dtypes.items() if n.startswith("visual.")}

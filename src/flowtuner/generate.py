@@ -22,6 +22,7 @@ from flowtuner.families.base import Conditioning, Family, ModelPaths
 from flowtuner.init_images import encode_init_images, init_key, needs_codec, read_image_size
 from flowtuner.outputs import save_latent, save_png
 from flowtuner import conditioning
+from flowtuner.weights.fp8 import fp8_text_encoder
 from flowtuner.guidance import runs_uncond
 from flowtuner.sampling import InitImage, Job, check_sampling, check_size, sample_job, step_count
 
@@ -173,7 +174,8 @@ def run(cfg: GenerateConfig, family: Family | None = None) -> list[Path]:
     codec_first = needs_codec(jobs) or conditioning.needs_controls(jobs)
     family.validate(paths, ("text_encoder", "dit") + (("vae",) if decode or codec_first else ()))
     device = pick_device(cfg.device)
-    conds = encode_prompts(family, paths, jobs, torch.device("cpu") if cfg.text_encoder_cpu else device)
+    with fp8_text_encoder(cfg.fp8_vl):
+        conds = encode_prompts(family, paths, jobs, torch.device("cpu") if cfg.text_encoder_cpu else device)
     inits = {}
     if codec_first:
         codec = family.load_codec(paths, device)

@@ -6,7 +6,6 @@ from flowtuner.config.caching import CacheLatentsConfig, CacheTextConfig
 from flowtuner.config.fields import add_arguments, from_namespace
 from flowtuner.config.models import resolve_model_version
 from flowtuner.config.musubi import CACHE_LATENTS, CACHE_TEXT, add_musubi_flags, apply_musubi_flags
-from flowtuner.errors import ConfigError
 
 
 def register(sub) -> None:
@@ -31,6 +30,7 @@ def run(cfg) -> int:
     from flowtuner.data.config import load_dataset_config
     from flowtuner.families import family_for
     from flowtuner.generate import pick_device
+    from flowtuner.weights.fp8 import fp8_text_encoder
 
     datasets = load_dataset_config(cfg.dataset_config, {"batch_size": cfg.batch_size})
     family = family_for(cfg)
@@ -39,11 +39,9 @@ def run(cfg) -> int:
         summary = cache_latents(datasets, family, paths, pick_device(cfg.device), cfg.batch_size, cfg.num_workers,
                                 cfg.skip_existing, cfg.keep_cache)
     else:
-        if cfg.fp8_vl:
-            raise ConfigError("--fp8_vl is not available yet (it arrives with the memory work); run without it, "
-                              "or with --device cpu if the text encoder does not fit.")
         paths = family.resolve_paths(text_encoder=cfg.text_encoder, tokenizer=cfg.tokenizer, model=cfg.model,
                                      comfyui_dir=cfg.comfyui_dir)
-        summary = cache_text(datasets, family, paths, pick_device(cfg.device), cfg.batch_size, cfg.skip_existing, cfg.keep_cache)
+        with fp8_text_encoder(cfg.fp8_vl):
+            summary = cache_text(datasets, family, paths, pick_device(cfg.device), cfg.batch_size, cfg.skip_existing, cfg.keep_cache)
     print("\n".join(summary.lines()))
     return 1 if summary.failed else 0

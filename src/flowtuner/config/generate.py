@@ -42,6 +42,7 @@ class GenerateConfig(SamplingConfig, ModelVersion, ModelFiles):
     attn_mode: str = opt("torch", "attention backend", choices=("torch", "sdpa", "flash", "sage", "sageattn", "xformers"))
     device: str | None = opt(help="device, e.g. cuda, cuda:1, cpu (default: cuda when available)")
     text_encoder_cpu: bool = opt(False, "run the text encoder on the CPU")
+    fp8_vl: bool = opt(False, "store the text encoder's decoder Linears in fp8 (about half its memory)")
     from_file: str | None = opt(help="file with one prompt per line and inline options (--w --h --d --s --g/--l --n --fs, "
                                      "and --NAME VALUE for every sampling option); see docs/sampling.md")
     num_images: int = opt(1, "images per prompt")

@@ -103,7 +103,6 @@ TRAIN: dict[str, Flag] = {
     "gradient_checkpointing_cpu_offload": Flag(FLAG, "activations are not offloaded to the CPU; plain "
                                                      "--gradient_checkpointing applies when given"),
     "fp8_scaled": Flag(FLAG, FP8_SCALED, refuse=True),
-    "fp8_vl": Flag(FLAG, "an fp8 text encoder is " + MEMORY_WORK, refuse=True),
     "blocks_to_swap": Flag(INT, "block swapping is " + MEMORY_WORK, refuse=True),
     "use_pinned_memory_for_block_swap": Flag(FLAG, SWAP_ONLY),
     "block_swap_h2d_only": Flag(FLAG, SWAP_ONLY),

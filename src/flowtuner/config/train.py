@@ -37,6 +37,7 @@ class TrainConfig(ModelVersion, ModelFiles):
     gradient_accumulation_steps: int = opt(1, "micro-batches per optimizer step")
     fp8_base: bool = opt(False, "train: store the frozen DiT's block Linears in fp8 (float8_e4m3fn), computed in the "
                                 "mixed precision; the LoRA stays fp32 (docs/memory.md); finetune refuses it")
+    fp8_vl: bool = opt(False, "sample prompts: store the text encoder's decoder Linears in fp8 (about half its memory)")
     gradient_checkpointing: bool = opt(False, "recompute block activations in backward (less memory, ~30% slower)")
     max_data_loader_n_workers: int = opt(2, "cache reader threads")
     device: str | None = opt(help="device (default: cuda when available; accelerate launch decides otherwise)")

@@ -31,7 +31,7 @@ from flowtuner.train.lora import LoRANetwork, kohya_name, select_modules
 from flowtuner.train.objective import per_sample_loss
 from flowtuner.train.optim import make_optimizer, make_schedule, parse_kv
 from flowtuner.train.state import capture_rng, load_state, restore_rng
-from flowtuner.weights.fp8 import fp8_base
+from flowtuner.weights.fp8 import fp8_base, fp8_text_encoder
 
 log = logging.getLogger(__name__)
 # --network_module values every family accepts; the family adds musubi-tuner's name for its own module
@@ -332,7 +332,8 @@ class Trainer:
             self._eval_mode(module, lambda: sample(f"e{pos.epoch:06d}"))
 
     def _encode_samples(self, paths, jobs, device) -> dict[str, Conditioning]:
-        encoder = self.family.load_text_encoder(paths, device)
+        with fp8_text_encoder(self.cfg.fp8_vl):
+            encoder = self.family.load_text_encoder(paths, device)
         conds = conditioning.encode(encoder, conditioning.keys_of(jobs, self.family), self.family)
         del encoder
         release_cache()

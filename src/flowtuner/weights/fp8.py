@@ -57,6 +57,37 @@ def fp8_requested() -> bool:
     return _requested.get()
 
 
+_text_requested: ContextVar[bool] = ContextVar("fp8_vl", default=False)
+
+
+@contextmanager
+def fp8_text_encoder(enabled: bool = True) -> Iterator[None]:
+    """Text encoders loaded inside store their language model's Linears in fp8 (--fp8_vl); what they output (the
+    embeddings, cached or not) stays in the compute dtype."""
+    token = _text_requested.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _text_requested.reset(token)
+
+
+def fp8_text_requested() -> bool:
+    return _text_requested.get()
+
+
+def stream_fp8(ckpt, items, targets: set[str]):
+    """(module key, tensor) pairs with the weights of `targets` read as e4m3fn (`items`: module key -> file key and
+    the dtype the others are read in), one tensor at a time."""
+    from flowtuner.weights.materialize import read_dequantized, read_fp8
+
+    for name, (key, dtype) in items:
+        path, _, leaf = name.rpartition(".")
+        if leaf == "weight" and path in targets:
+            yield name, read_fp8(ckpt, key)[0]
+        else:
+            yield name, read_dequantized(ckpt, key, dtype)
+
+
 def quantise(tensor: torch.Tensor) -> torch.Tensor:
     """Round to e4m3fn, saturating at +-448 (real DiT weights are far below; the clamp makes the rule explicit)."""
     if tensor.dtype == FP8:

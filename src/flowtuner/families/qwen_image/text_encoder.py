@@ -15,7 +15,8 @@ from transformers import Qwen2_5_VLConfig, Qwen2_5_VLTextConfig, Qwen2_5_VLTextM
 from flowtuner.errors import ConfigError, WeightsError
 from flowtuner.families.base import Conditioning, TextEncoder
 from flowtuner.families.identify import describe
-from flowtuner.weights.materialize import assign_weights, build_empty, check_supported_quantisation, read_dequantized, storage_dtype
+from flowtuner.weights.materialize import assign_weights, build_empty, check_supported_quantisation, storage_dtype
+from flowtuner.weights.fp8 import convert_linears, fp8_text_requested, stream_fp8
 from flowtuner.weights.reader import Checkpoint, open_checkpoint
 
 log = logging.getLogger(__name__)
@@ -80,8 +81,19 @@ def load_text_model(path: str | Path, device: torch.device | str = "cpu") -> Qwe
     dtype = storage_dtype(lm, "embed_tokens.weight")
     model = build_empty(lambda: Qwen2_5_VLTextModel(config))
     keys = [k for k in lm.keys() if re.match(r"^(embed_tokens|layers|norm)\.", k)]
-    assign_weights(model, ((k, read_dequantized(lm, k, dtype)) for k in keys), ckpt)
+    targets = fp8_targets(model, "layers.")
+    assign_weights(model, stream_fp8(lm, [(k, (k, dtype)) for k in keys], targets), ckpt)
     return model.to(device).eval().requires_grad_(False)
+
+
+def fp8_targets(model: torch.nn.Module, layers: str) -> set[str]:
+    """With --fp8_vl (the enclosing fp8_text_encoder context): the decoder layers' Linears, switched to fp8 storage
+    (embeddings, norms and the vision tower keep the file's dtype, as musubi-tuner's --fp8_vl)."""
+    if not fp8_text_requested():
+        return set()
+    targets = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith(layers)}
+    convert_linears(model, targets, {})
+    return targets
 
 
 def prompt_start(ids: list[int], im_start: int, user_newline: list[int]) -> int:

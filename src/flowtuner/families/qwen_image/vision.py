@@ -19,7 +19,8 @@ import torch
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLModel
 
 from flowtuner.errors import WeightsError
-from flowtuner.families.qwen_image.text_encoder import infer_text_config, language_model_view
+from flowtuner.families.qwen_image.text_encoder import fp8_targets, infer_text_config, language_model_view
+from flowtuner.weights.fp8 import stream_fp8
 from flowtuner.weights.materialize import assign_weights, build_empty, read_dequantized, storage_dtype
 from flowtuner.weights.reader import Checkpoint, open_checkpoint
 
@@ -101,7 +102,8 @@ def load_vl_model(path: str | Path, device: torch.device | str = "cpu") -> Qwen2
     lm_keys = [k for k in lm.keys() if re.match(r"^(embed_tokens|layers|norm)\.", k)]
     # The vision checkpoint view may also hold quantisation scales; only module weights are loaded.
     vision_keys = [k for k in visual.keys() if not k.endswith((".scale_weight", ".scale_input"))]
-    items = [(f"language_model.{k}", read_dequantized(lm, k, dtype)) for k in lm_keys]
+    targets = fp8_targets(model, "language_model.layers.")
+    items = list(stream_fp8(lm, [(f"language_model.{k}", (k, dtype)) for k in lm_keys], targets))
     items += [(f"visual.{k}", read_dequantized(visual, k, dtype)) for k in vision_keys]
     assign_weights(model, items, ckpt)
     return model.to(device).eval().requires_grad_(False)
