@@ -47,6 +47,7 @@ class PlanSpec:
     lora_targets: Callable[[nn.Module], list[str]]  # the LoRA's default modules in a built DiT
     text_width: int  # the conditioning's feature width
     other_models: dict[str, int] = field(default_factory=dict)  # generate: models run before / after the DiT, bytes
+    fp8_targets: Callable[[nn.Module], set[str]] | None = None  # the Linears --fp8_base stores in fp8
 
 
 @dataclass
@@ -63,6 +64,7 @@ class PlanSettings:
     optimizer: str = "adamw"
     full_bf16: bool = False
     max_grad_norm: float = 1.0
+    fp8_base: bool = False
 
 
 # optimizer -> (the optimizer traced, factor on its state bytes): bitsandbytes cannot run on fake tensors, so
@@ -108,6 +110,11 @@ class LiveStorages(TorchDispatchMode):
     def _free(self, n: int) -> None:
         self.live -= n
 
+    def restart_peak(self) -> None:
+        """Forget the peak so far (what is alive now stays counted)."""
+        self.peak = self.live
+        self.at_peak = [(weakref.ref(s), n) for s, n in self.sizes.items()]
+
     def peak_by(self, classify: Callable[[object], str]) -> dict[str, int]:
         """Bytes alive at the peak by component; storages freed since are activations / temporaries."""
         out: dict[str, int] = {}
@@ -133,11 +140,11 @@ def trace(spec: PlanSpec, s: PlanSettings, blocks: int) -> dict[str, int]:
     tracker = LiveStorages()
     with FakeTensorMode(), tracker:
         run = _STEPS[s.mode]
-        classify = run(spec, s, blocks)
+        classify = run(spec, s, blocks, tracker)
     return tracker.peak_by(classify)
 
 
-def _build(spec: PlanSpec, s: PlanSettings, blocks: int) -> nn.Module:
+def _build(spec: PlanSpec, s: PlanSettings, blocks: int, tracker: LiveStorages) -> nn.Module:
     dtype = (torch.bfloat16 if s.full_bf16 else torch.float32) if s.mode == "finetune" else spec.dtype
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # built in its dtype: a .to() after the build would hold both copies
@@ -145,7 +152,21 @@ def _build(spec: PlanSpec, s: PlanSettings, blocks: int) -> nn.Module:
         model = spec.build(blocks)
     finally:
         torch.set_default_dtype(default)
+    if s.fp8_base:
+        from flowtuner.weights.fp8 import quantise_module
+
+        quantise_module(model, _Targets(spec.fp8_targets))
+        # the loader quantises tensor by tensor as the file streams in: the high-precision model built here for
+        # the trace never exists in a real run, so its moment is not the step's peak
+        tracker.restart_peak()
     return model
+
+
+class _Targets:
+    """An fp8 policy from the family's target function (quantise_module's interface)."""
+
+    def __init__(self, fn):
+        self.targets = fn
 
 
 def _inputs(spec: PlanSpec, s: PlanSettings, denoiser):
@@ -157,14 +178,14 @@ def _inputs(spec: PlanSpec, s: PlanSettings, denoiser):
     return torch.zeros(shape), torch.randn(shape), torch.full((s.batch,), 0.5), cond, geometry
 
 
-def _train_step(spec: PlanSpec, s: PlanSettings, blocks: int):
+def _train_step(spec: PlanSpec, s: PlanSettings, blocks: int, tracker: LiveStorages):
     """The training step as train/loop.py runs it: LoRA (or all weights), autocast, loss, backward, clipping,
     optimizer step."""
     from flowtuner.train.lora import LoRANetwork, select_modules
     from flowtuner.train.objective import per_sample_loss
     from flowtuner.train.optim import make_optimizer
 
-    model = _build(spec, s, blocks).train()
+    model = _build(spec, s, blocks, tracker).train()
     full = s.mode == "finetune"
     model.requires_grad_(full)
     if s.gradient_checkpointing:
@@ -204,9 +225,9 @@ def _train_step(spec: PlanSpec, s: PlanSettings, blocks: int):
     return classify
 
 
-def _generate_step(spec: PlanSpec, s: PlanSettings, blocks: int):
+def _generate_step(spec: PlanSpec, s: PlanSettings, blocks: int, tracker: LiveStorages):
     """One denoiser call as generation runs it (no autograd; CFG runs its two passes one after the other)."""
-    model = _build(spec, s, blocks).eval().requires_grad_(False)
+    model = _build(spec, s, blocks, tracker).eval().requires_grad_(False)
     denoiser = spec.denoiser(model)
     x, _, sigma, cond, geometry = _inputs(spec, s, denoiser)
     with torch.no_grad():
@@ -272,6 +293,10 @@ def check(s: PlanSettings, spec: PlanSpec) -> None:
             raise ConfigError(f"{name} {value}: must be at least 1.")
     if s.full_bf16 and s.mode == "finetune" and s.mixed_precision != "bf16":
         raise ConfigError("--full_bf16 needs --mixed_precision bf16.")
+    if s.fp8_base and s.mode == "finetune":
+        raise ConfigError("--fp8_base: full fine-tuning cannot train fp8 weights (finetune refuses it); plan without it.")
+    if s.fp8_base and spec.fp8_targets is None:
+        raise ConfigError(f"--fp8_base: {spec.model} has no fp8 layer policy; plan without it.")
 
 
 def make_plan(spec: PlanSpec, s: PlanSettings) -> Plan:

@@ -61,20 +61,18 @@ def _size(args, target: str) -> tuple[int, int, int]:
 def settings_of(args, target: str):
     from flowtuner.plan import PlanSettings
 
-    if getattr(args, "fp8_base", False):  # a real option of train / generate now, not of the planner yet
-        raise ConfigError("--fp8_base: planning fp8 weights is not available yet; plan without it (the weights then "
-                          "count in their file's dtype, an upper bound).")
     h, w, batch = _size(args, target)
     if h % 16 or w % 16 or h < 16 or w < 16:
         raise ConfigError(f"size {w}x{h}: width and height must be positive multiples of 16.")
     if target == "generate":
-        return PlanSettings("generate", h, w, batch, args.text_tokens)
+        return PlanSettings("generate", h, w, batch, args.text_tokens, fp8_base=bool(getattr(args, "fp8_base", False)))
     cfg = from_namespace(TrainConfig, args)
     if cfg.fused_backward_pass:  # gradients would exist one at a time: a step the planner does not trace yet
         raise ConfigError("--fused_backward_pass: the plan does not model it yet; plan without it (every gradient "
                           "then counts at once, an upper bound).")
     return PlanSettings(target, h, w, batch, args.text_tokens, cfg.mixed_precision, cfg.gradient_checkpointing,
-                        cfg.network_dim, cfg.network_alpha, cfg.optimizer_type.lower(), cfg.full_bf16, cfg.max_grad_norm)
+                        cfg.network_dim, cfg.network_alpha, cfg.optimizer_type.lower(), cfg.full_bf16, cfg.max_grad_norm,
+                        cfg.fp8_base)
 
 
 def run(args: argparse.Namespace, target: str) -> int:

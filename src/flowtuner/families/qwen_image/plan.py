@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from flowtuner.families.base import ModelPaths
+from flowtuner.families.qwen_image.dit import FP8_DEFAULT, FP8_POLICIES
 from flowtuner.plan import PlanSpec
 
 # Qwen/Qwen-Image transformer/config.json (also musubi-tuner's hard-coded config): the published 20.4 B DiT
@@ -64,4 +65,5 @@ def plan_spec(family, paths: ModelPaths | None, denoiser_cls, model: str) -> Pla
 
     return PlanSpec(model=model, source=source, num_blocks=config["num_layers"], dtype=dtype, build=build,
                     denoiser=denoiser_cls, lora_targets=family.lora_default_targets,
-                    text_width=config["joint_attention_dim"], other_models={"text_encoder": text, "vae": vae})
+                    text_width=config["joint_attention_dim"], other_models={"text_encoder": text, "vae": vae},
+                    fp8_targets=FP8_POLICIES[FP8_DEFAULT].targets)
