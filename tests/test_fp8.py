@@ -245,7 +245,7 @@ def test_lora_training_on_an_fp8_base(tmp_path, cached, tiny_files, monkeypatch)
     (["train", "--fp8_base", "--fp8_scaled"], "--fp8_scaled: scaled fp8 DiT weights are not available yet"),
     (["generate", "--prompt", "x", "--fp8_scaled"], "--fp8_scaled: scaled fp8 DiT weights are not available yet"),
     (["generate", "--fp8", "--save_merged_model", "m.safetensors"], "--save_merged_model with --fp8_base"),
-    (["plan", "train", "--fp8_base"], "not available yet"),
+    (["plan", "finetune", "--fp8_base"], "cannot train fp8 weights"),
 ])
 def test_refusals_are_one_line(argv, message, capsys, tmp_path, loud_file):
     extra = ["--dit", str(loud_file), "--dataset_config", str(tmp_path / "none.toml")] if argv[0] == "finetune" else []
