@@ -23,7 +23,7 @@ from flowtuner.families.base import Conditioning
 from flowtuner.families.qwen_image import edit_sizes
 from flowtuner.families.qwen_image.dit import DiTInfo
 from flowtuner.families.qwen_image.edit import (
-    REFERENCE_LATENTS, QwenImageEditDenoiser, edit_batch_conditioning, reference_latents, with_references,
+    REFERENCE_LATENTS, QwenImageEditDenoiser, reference_latents, with_references,
 )
 from flowtuner.families.qwen_image.family import QwenImageFamily, pack
 from flowtuner.families.qwen_image.tiny import TEXT_HIDDEN, tiny_dit
@@ -233,7 +233,7 @@ def test_training_predicts_target_tokens_from_clean_references(dits):
     target = torch.randn(2, 16, 1, 6, 10, generator=g)  # a batch of two 48x80 targets
     batch = {"latents_control_0": torch.randn(2, 16, 1, 8, 8, generator=g).requires_grad_(True),
              "latents_control_1": torch.randn(2, 16, 1, 4, 12, generator=g).requires_grad_(True)}
-    cond = edit_batch_conditioning(embeddings(1, 7), batch, torch.device("cpu"))
+    cond = with_references(embeddings(1, 7), [batch["latents_control_0"], batch["latents_control_1"]])
     x0, geometry = denoiser.from_latents(target)
     seen = []
     handle = dit.img_in.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
@@ -273,8 +273,6 @@ def test_missing_references_is_a_clear_error(dits):
     denoiser = QwenImageEditDenoiser(dits[False])
     with pytest.raises(FlowtunerError, match="control images"):
         denoiser.predict(torch.zeros(1, 4, 64), torch.tensor(0.5), embeddings(0, 3), denoiser.geometry(32, 32))
-    with pytest.raises(FlowtunerError, match="latents_control_0"):
-        edit_batch_conditioning(embeddings(0, 3), {"latents": torch.zeros(1, 16, 1, 4, 4)}, torch.device("cpu"))
 
 
 def test_too_many_control_images_is_a_clear_error(tiny_models):

@@ -24,7 +24,7 @@ from PIL import Image
 
 from flowtuner.data.buckets import area_bucket, floor_to, resize_to_bucket
 from flowtuner.data.config import Dataset
-from flowtuner.data.images import ImageReadError, _open, _to_rgb
+from flowtuner.data.images import ImageReadError, open_image, to_rgb
 from flowtuner.data.sources import Item
 
 HIGH_BIT_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N", "F")
@@ -97,12 +97,12 @@ def _has_transparency(img: Image.Image) -> bool:
 
 def decode_control(path: Path) -> DecodedControl:
     """The control image as 8-bit RGB, as stored (raises ImageReadError with the reason)."""
-    with _open(path) as img:
+    with open_image(path) as img:
         try:
             img.load()
             notes = []
             if img.mode in HIGH_BIT_MODES:
-                rgb, differences = _to_rgb(img)
+                rgb, differences = to_rgb(img)
                 notes += [f"{img.mode} (16-bit or float): " + d for d in differences]
             else:
                 if _has_transparency(img):

@@ -81,7 +81,7 @@ def _orientation(img: Image.Image) -> int:
     return value if value in ORIENTATIONS else 1
 
 
-def _open(path: Path) -> Image.Image:
+def open_image(path: Path) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -101,11 +101,11 @@ def _open(path: Path) -> Image.Image:
 
 def read_info(path: Path) -> ImageInfo:
     """Size (as stored) and EXIF orientation from the header alone (no decoding)."""
-    with _open(path) as img:
+    with open_image(path) as img:
         return ImageInfo(img.width, img.height, _orientation(img))
 
 
-def _to_rgb(img: Image.Image) -> tuple[Image.Image, list[str]]:
+def to_rgb(img: Image.Image) -> tuple[Image.Image, list[str]]:
     """8-bit RGB, and the ways it differs from musubi-tuner's `convert("RGB")` / alpha drop."""
     differences = []
     if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
@@ -130,11 +130,11 @@ def _to_rgb(img: Image.Image) -> tuple[Image.Image, list[str]]:
 
 def decode(path: Path) -> Decoded:
     """The fully decoded image as RGB, as stored (raises ImageReadError with the reason)."""
-    with _open(path) as img:
+    with open_image(path) as img:
         try:
             img.load()
             orientation = _orientation(img)
-            rgb, differences = _to_rgb(img)
+            rgb, differences = to_rgb(img)
         except (OSError, ValueError, SyntaxError) as exc:  # PIL reports truncation / corruption as these
             raise ImageReadError(path, f"corrupt or truncated ({exc})") from None
     return Decoded(rgb, orientation, differences)

@@ -227,6 +227,8 @@ class Trainer:
         gen = torch.Generator().manual_seed(self.seed)
         pos = self._resume(module, optimizer, schedule, gen) if self.resumed else Position()
         codec = self.family.load_codec(paths, device) if jobs else None
+        if jobs:  # an edit model's --ci control images, encoded once for every preview
+            conds = conditioning.with_controls(self.family, conds, codec)
         saver = checkpoints.Saver(self, module, network, denoiser, optimizer, schedule, gen)
         tracker = checkpoints.Tracker(cfg, self.out, self._validator(denoiser, device))
         self.tracker = tracker

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flowtuner import conditioning
 from flowtuner.config.prompt_lines import read_prompt_file
 from flowtuner.families.base import Conditioning, Denoiser, Family, ImageCodec
 from flowtuner.init_images import encode_init_images, init_key
@@ -30,7 +29,6 @@ def write_samples(family: Family, denoiser: Denoiser, codec: ImageCodec, jobs: l
                   conds: dict[tuple, Conditioning], folder: Path, name: str, tag: str) -> list[Path]:
     out = []
     inits = encode_init_images(codec, jobs)  # prompt lines may carry --image / --mask
-    conds = conditioning.with_controls(family, conds, codec)  # and an edit model's --ci control images
     for i, job in enumerate(jobs):
         for _, seed, latent in sample_job(denoiser, family, job, conds, init=inits.get(init_key(job))):
             image = codec.decode(latent)[0]

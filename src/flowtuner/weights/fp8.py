@@ -39,40 +39,27 @@ class Fp8Policy:
         return {name for name, m in model.named_modules() if isinstance(m, nn.Linear) and rx.fullmatch(name)}
 
 
-_requested: ContextVar[bool] = ContextVar("fp8_base", default=False)
+def _switch(name: str, doc: str):
+    """A context manager that turns a load-time option on for the models loaded inside it (lets a command choose
+    without every family's loader signature carrying the option), and the function that reads it."""
+    var: ContextVar[bool] = ContextVar(name, default=False)
+
+    @contextmanager
+    def switch(enabled: bool = True) -> Iterator[None]:
+        token = var.set(bool(enabled))
+        try:
+            yield
+        finally:
+            var.reset(token)
+
+    switch.__doc__ = doc
+    return switch, var.get
 
 
-@contextmanager
-def fp8_base(enabled: bool = True) -> Iterator[None]:
-    """Models loaded inside store their base Linears in fp8 (lets the command choose without every family's
-    loader signature carrying the option)."""
-    token = _requested.set(bool(enabled))
-    try:
-        yield
-    finally:
-        _requested.reset(token)
-
-
-def fp8_requested() -> bool:
-    return _requested.get()
-
-
-_text_requested: ContextVar[bool] = ContextVar("fp8_vl", default=False)
-
-
-@contextmanager
-def fp8_text_encoder(enabled: bool = True) -> Iterator[None]:
-    """Text encoders loaded inside store their language model's Linears in fp8 (--fp8_vl); what they output (the
-    embeddings, cached or not) stays in the compute dtype."""
-    token = _text_requested.set(bool(enabled))
-    try:
-        yield
-    finally:
-        _text_requested.reset(token)
-
-
-def fp8_text_requested() -> bool:
-    return _text_requested.get()
+fp8_base, fp8_requested = _switch("fp8_base", "Models loaded inside store their base Linears in fp8 (--fp8_base).")
+fp8_text_encoder, fp8_text_requested = _switch(
+    "fp8_vl", "Text encoders loaded inside store their language model's Linears in fp8 (--fp8_vl); what they output "
+              "(the embeddings, cached or not) stays in the compute dtype.")
 
 
 def stream_fp8(ckpt, items, targets: set[str]):

@@ -25,14 +25,12 @@ from flowtuner.errors import ConfigError, FlowtunerError
 from flowtuner.families.base import Conditioning, ImageCodec, LatentGeometry
 from flowtuner.families.qwen_image.dit import DiTInfo
 from flowtuner.families.qwen_image.edit_sizes import check_image_count, check_version, vae_size
-from flowtuner.families.qwen_image.family import PATCH, VAE_FACTOR, QwenImageDenoiser, pack
+from flowtuner.families.qwen_image.family import PATCH, QwenImageDenoiser, pack
 
 log = logging.getLogger(__name__)
 
 #: where a Conditioning carries its reference latents: a list of normalised VAE latents [1 or B, 16, 1, h_i, w_i]
 REFERENCE_LATENTS = "reference_latents"
-#: musubi-tuner's latent-cache / batch keys for the control latents, in order
-CONTROL_KEY = "latents_control_{}"
 #: the version whose DiT modulates reference tokens at t = 0
 ZERO_COND_T_VERSION = "edit-2511"
 #: PIL modes whose convert("RGB") clips instead of scaling
@@ -74,25 +72,6 @@ def reference_latents(images: list[Image.Image], codec: ImageCodec, version: str
 def with_references(cond: Conditioning, references: list[torch.Tensor]) -> Conditioning:
     """`cond` carrying `references` (a new Conditioning; the text part is shared, not copied)."""
     return Conditioning(cond.embeds, cond.mask, {**cond.extra, REFERENCE_LATENTS: list(references)})
-
-
-def batch_references(batch: dict) -> list[torch.Tensor]:
-    """The control latents of a cache-loader batch, musubi's keys latents_control_0, _1, ... in order."""
-    refs = []
-    while CONTROL_KEY.format(len(refs)) in batch:
-        refs.append(batch[CONTROL_KEY.format(len(refs))])
-    return refs
-
-
-def edit_batch_conditioning(cond: Conditioning, batch: dict, device: torch.device) -> Conditioning:
-    """Training input for an edit batch: the batch's text conditioning plus its control latents. The loss
-    then needs nothing else: `predict` takes the noisy target tokens, appends the clean references and
-    returns the target's velocity only, so the shared per-sample loss compares target tokens alone."""
-    refs = batch_references(batch)
-    if not refs:
-        raise FlowtunerError("edit training batch without control latents (latents_control_0): re-run cache-latents "
-                             "with the edit model version and control images in the dataset.")
-    return with_references(cond, [r.to(device, torch.float32) for r in refs])
 
 
 # ------------------------------------------------------------------ zero_cond_t (2511)
@@ -139,24 +118,9 @@ class QwenImageEditDenoiser(QwenImageDenoiser):
         set_zero_cond_t(dit, self.zero_cond_t)
 
     def predict(self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning, geometry: LatentGeometry) -> torch.Tensor:
-        b, n_target = x.shape[:2]
-        device, dtype = self.device, self.dtype
-        refs = self._references(cond, b)
-        target = (1, geometry.height // VAE_FACTOR // PATCH, geometry.width // VAE_FACTOR // PATCH)
-        shapes = [target] + [(1, r.shape[-2] // PATCH, r.shape[-1] // PATCH) for r in refs]
-        hidden = torch.cat([x.to(device, dtype)] + [pack(r).to(device, dtype) for r in refs], dim=1)
-        # sigma as is, in float32: the same conversion as the base denoiser's (the DiT scales by 1000 inside)
-        timestep = torch.as_tensor(sigma, dtype=torch.float32, device=device).reshape(-1).expand(b)
-        mask = cond.mask.to(device) if cond.mask is not None else None
-        v = self.dit(
-            hidden_states=hidden,
-            encoder_hidden_states=cond.embeds.to(device, dtype).expand(b, -1, -1),
-            encoder_hidden_states_mask=mask,
-            timestep=timestep,
-            img_shapes=[shapes] * b,
-            return_dict=False,
-        )[0]
-        return v[:, :n_target].to(torch.float32)
+        refs = self._references(cond, x.shape[0])
+        grids = [self.target_grid(geometry)] + [(1, r.shape[-2] // PATCH, r.shape[-1] // PATCH) for r in refs]
+        return self.run_dit([x] + [pack(r) for r in refs], grids, sigma, cond)
 
     @staticmethod
     def _references(cond: Conditioning, b: int) -> list[torch.Tensor]:

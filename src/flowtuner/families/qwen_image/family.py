@@ -103,23 +103,31 @@ class QwenImageDenoiser(Denoiser):
         return pack(eps.reshape(1, LATENT_CHANNELS, 1, h, w)).to(torch.float32)
 
     def predict(self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning, geometry: LatentGeometry) -> torch.Tensor:
-        b = x.shape[0]
+        return self.run_dit([x], [self.target_grid(geometry)], sigma, cond)
+
+    @staticmethod
+    def target_grid(geometry: LatentGeometry) -> tuple[int, int, int]:
+        return (1, geometry.height // VAE_FACTOR // PATCH, geometry.width // VAE_FACTOR // PATCH)
+
+    def run_dit(self, parts: list[torch.Tensor], grids: list[tuple], sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """The DiT on the packed token runs `parts` (the sampler state first, then any clean image tokens) with
+        their `grids`; returns the output for the first part only, in float32."""
+        b = parts[0].shape[0]
         param = next(self.dit.parameters())
         device, dtype = param.device, param.dtype
-        grid = (1, geometry.height // VAE_FACTOR // PATCH, geometry.width // VAE_FACTOR // PATCH)
         # The DiT takes sigma in [0, 1] and scales by 1000 inside its timestep embedding: sigma is
         # passed as is, in float32 (diffusers rounds sigma*1000 to the latent dtype first).
         timestep = torch.as_tensor(sigma, dtype=torch.float32, device=device).reshape(-1).expand(b)
         mask = cond.mask.to(device) if cond.mask is not None else None
         v = self.dit(
-            hidden_states=x.to(device, dtype),
+            hidden_states=torch.cat([p.to(device, dtype) for p in parts], dim=1),
             encoder_hidden_states=cond.embeds.to(device, dtype).expand(b, -1, -1),
             encoder_hidden_states_mask=mask,
             timestep=timestep,
-            img_shapes=[[grid]] * b,
+            img_shapes=[list(grids)] * b,
             return_dict=False,
         )[0]
-        return v.to(torch.float32)
+        return v[:, : parts[0].shape[1]].to(torch.float32)
 
     def to_latents(self, x: torch.Tensor, geometry: LatentGeometry) -> torch.Tensor:
         return unpack(x, geometry.height // VAE_FACTOR, geometry.width // VAE_FACTOR)
