@@ -35,7 +35,7 @@ def edit_files(tmp_path_factory, tiny_models, qwen_tokenizer_dir):
     dits = {v: loud_dit(zero_cond_t=v == "edit-2511") for v in VERSIONS}
     repos = {v: write_edit_repo(v, dits[v], vae, vl, qwen_tokenizer_dir, root / v, QWEN_SCHEDULER) for v in VERSIONS}
     comfy = root / "ComfyUI"
-    for v in ("edit-2509", "edit-2511"):
+    for v in VERSIONS:
         write_edit_comfyui_files(v, dits[v], vae, vl, comfy)
     images = {}
     for i, (name, size) in enumerate(CONTROLS.items()):
@@ -133,16 +133,17 @@ def test_edit_2511_detected_from_zero_cond_t_matches_diffusers(tmp_path, small_a
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("version", ["edit-2509", "edit-2511"])
+@pytest.mark.parametrize("version", VERSIONS)
 def test_comfyui_single_files_match_diffusers(tmp_path, small_area, edit_files, diffusers_pipes, version):
     """ComfyUI files: the DiT without config (2511 by its __index_timestep_zero__ marker), the VL model's config
     inferred from its shapes, the tokenizer given."""
-    images = [edit_files["images"][n] for n in "ba"]
+    names = "a" if version == "edit" else "ba"  # v1 takes one control image
+    images = [edit_files["images"][n] for n in names]
     ours = generate(tmp_path, "--comfyui_dir", edit_files["comfy"], "--model_version", version,
                     "--dit", f"qwen_image_{version.replace('-', '_')}_tiny.safetensors",
                     "--text_encoder", "qwen_2.5_vl_tiny.safetensors", "--vae", "qwen_image_vae_tiny.safetensors",
                     "--tokenizer", edit_files["repos"][version] / "tokenizer",
-                    *control_args(edit_files, "ba"), "--prompt", PROMPT, "--negative_prompt", NEGATIVE,
+                    *control_args(edit_files, names), "--prompt", PROMPT, "--negative_prompt", NEGATIVE,
                     "--guidance_scale", 4, "--seed", 5)
     assert_close(ours, reference(diffusers_pipes[version], version, images, PROMPT, 5))
 
