@@ -274,3 +274,31 @@ def test_edit_lora_resume_is_bit_identical(tmp_path, plus):
     a, b = load_file(tmp_path / "first/lora.safetensors"), load_file(tmp_path / "resumed/lora.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert any(a[k].abs().sum() > 0 for k in a if "lora_up" in k)  # it trained
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("version", ["edit", "edit-2511"])
+def test_finetune_the_other_versions(tmp_path, musubi, small_area, edit_files, observed, version):
+    """Two steps of full fine-tuning for v1 and 2511 too (2509: above): finite losses, the references reach the DiT,
+    more than half the weights move, and the file carries musubi-tuner's modelspec architecture for a full model."""
+    from musubi_tuner.dataset.architectures import ARCHITECTURE_QWEN_IMAGE_EDIT
+    from musubi_tuner.utils import sai_model_spec
+
+    repo = edit_files["repos"][version]
+    cfg = edit_dataset(tmp_path / "data")
+    cache(cfg, repo, version)
+    out = tmp_path / "ft"
+    assert train(cfg, repo, version, out, "--max_train_steps", 2, "--learning_rate", "1e-3", "--optimizer_type", "adamw",
+                 "--save_precision", "fp32", command="finetune") == 0
+    assert len(observed["loss"]) == 2 and all(math.isfinite(v) for v in observed["loss"])
+    assert any(refs > 0 for _, _, refs in observed["dit"])
+    tuned, base = load_file(out / "lora.safetensors"), {}
+    for shard in (repo / "transformer").glob("*.safetensors"):
+        base.update(load_file(shard))
+    assert tuned.keys() == base.keys()
+    assert sum(not torch.equal(base[k].float(), tuned[k].float()) for k in base) > len(base) // 2
+    custom = ARCHITECTURE[version][1]
+    expected = sai_model_spec.build_metadata(None, ARCHITECTURE_QWEN_IMAGE_EDIT, time.time(), is_lora=False,
+                                             custom_arch=getattr(sai_model_spec, custom) if custom else None)
+    with safe_open(str(out / "lora.safetensors"), "pt") as f:
+        assert f.metadata()["modelspec.architecture"] == expected["modelspec.architecture"]
