@@ -44,16 +44,25 @@ def read_dequantized(ckpt: Checkpoint, key: str, dtype: torch.dtype) -> torch.Te
     return tensor.to(dtype) if tensor.is_floating_point() else tensor
 
 
-def read_fp8(ckpt: Checkpoint, key: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`key` as an e4m3fn weight and its per-tensor scale (None: unscaled): e4m3fn files (ComfyUI fp8_e4m3fn and
-    fp8_scaled) as they are, anything else quantised from its own dtype, one tensor at a time."""
-    from flowtuner.weights.fp8 import FP8, quantise
+def read_fp8(ckpt: Checkpoint, key: str, granularity: str | None = None,
+             scratch: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`key` as an e4m3fn weight and its scale (None: unscaled), one tensor at a time. e4m3fn files (ComfyUI
+    fp8_e4m3fn and fp8_scaled) come as they are, with the file's per-tensor scale if it has one: never rounded a
+    second time. Anything else is quantised from its own dtype: with a scale of `granularity` (--fp8_scaled, a
+    flowtuner.weights.fp8.GRANULARITIES name) or plainly. `scratch` (uint8, reused for every weight): where a
+    weight quantised with a scale is read, so the host heap does not fill with freed high-precision copies."""
+    from flowtuner.weights.fp8 import FP8, quantise, quantise_scaled
 
-    tensor = ckpt.read(key)
+    entry = ckpt.entries[key]
+    fits = scratch is not None and granularity is not None and entry.dtype not in FP8_DTYPES and entry.nbytes <= scratch.numel()
+    tensor = ckpt.read(key, scratch[:entry.nbytes].view(entry.dtype).view(entry.shape) if fits else None)
     scale_key = key[: -len(".weight")] + ".scale_weight"
     scale = ckpt.read(scale_key).to(torch.float32) if tensor.dtype in FP8_DTYPES and scale_key in ckpt else None
     if tensor.dtype == FP8:
         return tensor, scale
+    if granularity is not None:
+        source = tensor if tensor.dtype not in FP8_DTYPES else read_dequantized(ckpt, key, torch.float32)
+        return quantise_scaled(source, granularity)
     return quantise(read_dequantized(ckpt, key, torch.float32)), None
 
 

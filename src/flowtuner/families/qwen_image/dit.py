@@ -17,7 +17,7 @@ from flowtuner.families.identify import describe
 from flowtuner.weights.materialize import (
     assign_weights, build_empty, check_supported_quantisation, is_auxiliary, read_dequantized, read_fp8, storage_dtype,
 )
-from flowtuner.weights.fp8 import Fp8Policy, convert_linears, fp8_requested
+from flowtuner.weights.fp8 import FP8, SCALED_DEFAULT, Fp8Policy, convert_linears, fp8_requested, fp8_scaled_requested, scale_shape
 from flowtuner.weights.reader import Checkpoint, open_checkpoint
 
 log = logging.getLogger(__name__)
@@ -118,31 +118,59 @@ def module_key(key: str, remap: dict[int, int]) -> str:
     return f"transformer_blocks.{remap[int(m.group(1))]}.{m.group(2)}" if m else key
 
 
-def load_dit(path: str | Path, device: torch.device | str = "cpu",
-             fp8: bool | None = None) -> tuple[QwenImageTransformer2DModel, DiTInfo]:
-    """`fp8`: store the block Linears as float8_e4m3fn (None: as the enclosing `fp8_base()` context says)."""
+def load_dit(path: str | Path, device: torch.device | str = "cpu", fp8: bool | None = None,
+             scaled: bool | None = None) -> tuple[QwenImageTransformer2DModel, DiTInfo]:
+    """`fp8`: store the block Linears as float8_e4m3fn; `scaled`: with a per-channel scale (--fp8_scaled, implies
+    `fp8`). None: as the enclosing `fp8_base()` / `fp8_scaled()` contexts say."""
     ckpt = open_checkpoint(path)
     info = inspect_dit(ckpt)
     sub = ckpt.select(info.prefix)
     model = build_empty(lambda: QwenImageTransformer2DModel.from_config(info.config))
-    targets = FP8_POLICIES[FP8_DEFAULT].targets(model) if (fp8_requested() if fp8 is None else fp8) else set()
-    scaled = {module_key(k[: -len(".scale_weight")], info.block_remap): sub.shape(k)
-              for k in sub.keys() if k.endswith(".scale_weight")}
-    convert_linears(model, targets, {p: s for p, s in scaled.items() if p in targets})
-    assign_weights(model, _stream(sub, info, targets), ckpt)
+    scaled = fp8_scaled_requested() if scaled is None else scaled
+    fp8 = scaled or (fp8_requested() if fp8 is None else fp8)
+    targets = FP8_POLICIES[FP8_DEFAULT].targets(model) if fp8 else set()
+    granularity = SCALED_DEFAULT if scaled else None
+    convert_linears(model, targets, _scale_shapes(sub, info, targets, granularity))
+    assign_weights(model, _stream(sub, info, targets, granularity), ckpt)
     return model.to(device).eval().requires_grad_(False), info
 
 
-def _stream(sub: Checkpoint, info: DiTInfo, fp8_targets: set[str]):
+def _scale_shapes(sub: Checkpoint, info: DiTInfo, targets: set[str], granularity: str | None) -> dict[str, tuple]:
+    """fp8 target -> the shape of its scale buffer: the file's (an fp8_scaled file), or the one --fp8_scaled
+    quantises to (a high-precision weight); absent: unscaled."""
+    shapes, kept, kept_scaled = {}, 0, 0
+    for key in sub.keys():
+        path = module_key(key, info.block_remap).removesuffix(".weight")
+        if not key.endswith(".weight") or path not in targets:
+            continue
+        file_scale = key.removesuffix(".weight") + ".scale_weight"
+        if sub.dtype(key) == FP8:
+            kept += 1
+            if file_scale in sub:
+                kept_scaled += 1
+                shapes[path] = sub.shape(file_scale)
+        elif granularity is not None:
+            shapes[path] = scale_shape(sub.shape(key), granularity)
+    if kept and granularity is not None:  # musubi-tuner refuses these files; keeping their values is exact
+        log.info("--fp8_scaled: %s already holds %d of the %d fp8 weights as float8_e4m3fn (%d with per-tensor scales): "
+                 "kept as stored, not quantised again", sub.path, kept, len(targets), kept_scaled)
+    return shapes
+
+
+def _stream(sub: Checkpoint, info: DiTInfo, fp8_targets: set[str], granularity: str | None):
     """(module key, tensor) one at a time: fp8 targets quantised (or kept as the file's fp8), the rest in the
     compute dtype, so the model never exists in high precision in RAM."""
+    scratch = None
+    if granularity is not None:  # one buffer the high-precision weights are read into (bench/fp8_load_memory.py)
+        sizes = [sub.entries[k].nbytes for k in sub.keys() if module_key(k, info.block_remap).removesuffix(".weight") in fp8_targets]
+        scratch = torch.empty(max(sizes, default=0), dtype=torch.uint8)
     for key in sub.keys():
         if is_auxiliary(key):
             continue
         name = module_key(key, info.block_remap)
         path, _, leaf = name.rpartition(".")
         if leaf == "weight" and path in fp8_targets:
-            weight, scale = read_fp8(sub, key)
+            weight, scale = read_fp8(sub, key, granularity, scratch)
             yield name, weight
             if scale is not None:
                 yield f"{path}.scale_weight", scale
