@@ -1,6 +1,7 @@
 """The same tiny model and settings through `flowtuner generate` on the CPU and on an accelerator: every
 sampling path (samplers, guidance, PAG, img2img, inpainting, DifferentialDiffusion, presets) must run
-there and give the CPU's latents up to float rounding. Run by hand on a GPU machine:
+there and give the CPU's latents up to float rounding; then --blocks_to_swap (generate, and a LoRA step's time
+and peak memory with 0 / half / all-but-one blocks swapped). Run by hand on a GPU machine:
 
     python bench/device_check.py [--device cuda] [--tokenizer DIR]
 
@@ -94,6 +95,32 @@ def components(device: str, tokenizer: str) -> None:
           f" {((grads['cpu'] - grads[device]).abs().max() / grads['cpu'].abs().max()).item():10.2e}")
 
 
+def block_swap(repo: Path, tmp: Path, device: str) -> None:
+    """--blocks_to_swap on the accelerator: generated latents must equal the unswapped run's; a LoRA step of a
+    12-block, 1024-wide DiT with S = 0 / 6 / 11: step time, peak device memory, loss equal (bench/block_swap.py)."""
+    if not device.startswith("cuda"):
+        print("block swap: skipped (the peak-memory figures need a CUDA device)")
+        return
+    from bench.block_swap import lora_steps
+
+    latents, peaks = {}, {}
+    for swapped in (0, 3):
+        torch.cuda.reset_peak_memory_stats()
+        t = time.perf_counter()
+        latents[swapped] = generate(repo, tmp / f"swap{swapped}", device, ["--blocks_to_swap", str(swapped)])
+        peaks[swapped] = (torch.cuda.max_memory_allocated() / 2**20, time.perf_counter() - t)
+    print(f"{'generate --blocks_to_swap 3':32} {(latents[0] - latents[3]).abs().max().item():16.2e}   "
+          f"peak {peaks[3][0]:.1f} MiB vs {peaks[0][0]:.1f} MiB, {peaks[3][1]:.2f} s vs {peaks[0][1]:.2f} s")
+    dev = torch.device(device)
+    for checkpointing in (False, True):
+        base = None
+        for swapped in (0, 6, 11):
+            seconds, peak, loss = lora_steps(12, 8, swapped, dev, 3, checkpointing, tokens=1024)
+            base = base or (seconds, loss)
+            print(f"LoRA step, ckpt {checkpointing!s:5}, --blocks_to_swap {swapped:2d}: {seconds * 1000:7.1f} ms "
+                  f"x{seconds / base[0]:.2f}  peak {peak:.3f} GiB  loss equal: {torch.equal(loss, base[1])}")
+
+
 def run() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda")
@@ -115,6 +142,7 @@ def run() -> None:
         print(f"{name:32} {diff:16.2e} {rel:10.2e} {seconds:8.2f}")
     print(f"worst relative difference: {worst:.2e}")
     components(args.device, args.tokenizer)
+    block_swap(repo, tmp, args.device)
 
 
 if __name__ == "__main__":
