@@ -22,7 +22,7 @@ class PlanOptions:
                                        nargs=2, metavar=("W", "H"))
     batch_size: int | None = opt(help="plan train / finetune: items per batch (default: the first dataset's, else 1)")
     text_tokens: int = opt(256, "prompt length in tokens the plan assumes (captions vary; Qwen-Image reads up to 1024)")
-    json: bool = opt(False, "print one JSON object: device_peak_gib, host_peak_gib, components, settings")
+    json: bool = opt(False, "print one JSON object: device_peak_gib, host_peak_gib, components, host_components, settings")
 
 
 # planned command -> (its config, its musubi-tuner flag table)
@@ -38,7 +38,7 @@ def register(sub) -> None:
         p = targets.add_parser(name, help=f"plan `flowtuner {name}` (its flags)")
         add_arguments(p, cls)
         add_arguments(p, PlanOptions)
-        add_musubi_flags(p, table)  # their memory flags (fp8, block swap) are refused as "not available yet"
+        add_musubi_flags(p, table)  # musubi-tuner command lines plan unchanged
         p.set_defaults(handler=lambda args, n=name: run(args, n))
 
 
@@ -59,20 +59,16 @@ def _size(args, target: str) -> tuple[int, int, int]:
 
 
 def settings_of(args, target: str):
-    from flowtuner.plan import PlanSettings
+    from flowtuner.plan import PlanSettings, train_settings
 
     h, w, batch = _size(args, target)
     if h % 16 or w % 16 or h < 16 or w < 16:
         raise ConfigError(f"size {w}x{h}: width and height must be positive multiples of 16.")
     if target == "generate":
-        return PlanSettings("generate", h, w, batch, args.text_tokens, fp8_base=bool(getattr(args, "fp8_base", False)))
-    cfg = from_namespace(TrainConfig, args)
-    if cfg.fused_backward_pass:  # gradients would exist one at a time: a step the planner does not trace yet
-        raise ConfigError("--fused_backward_pass: the plan does not model it yet; plan without it (every gradient "
-                          "then counts at once, an upper bound).")
-    return PlanSettings(target, h, w, batch, args.text_tokens, cfg.mixed_precision, cfg.gradient_checkpointing,
-                        cfg.network_dim, cfg.network_alpha, cfg.optimizer_type.lower(), cfg.full_bf16, cfg.max_grad_norm,
-                        cfg.fp8_base)
+        scaled = bool(getattr(args, "fp8_scaled", False))
+        return PlanSettings("generate", h, w, batch, args.text_tokens, fp8_base=scaled or bool(getattr(args, "fp8_base", False)),
+                            fp8_scaled=scaled, blocks_to_swap=args.blocks_to_swap)
+    return train_settings(from_namespace(TrainConfig, args), target, h, w, batch, args.text_tokens)
 
 
 def run(args: argparse.Namespace, target: str) -> int:

@@ -57,13 +57,17 @@ def plan_spec(family, paths: ModelPaths | None, denoiser_cls, model: str) -> Pla
         config, dtype, source = info.config, info.dtype, f"shapes from {paths.dit}"
     else:
         config, dtype, source = PUBLISHED_DIT, torch.bfloat16, "published sizes"
-    text = _file_bytes(paths.text_encoder, language_model_view) if paths and paths.text_encoder else _published_text_bytes()
-    vae = _file_bytes(paths.vae, lambda c: c) if paths and paths.vae else _published_vae_bytes()
+
+    def other_models() -> dict[str, int]:
+        text = _file_bytes(paths.text_encoder, language_model_view) if paths and paths.text_encoder else _published_text_bytes()
+        vae = _file_bytes(paths.vae, lambda c: c) if paths and paths.vae else _published_vae_bytes()
+        return {"text_encoder": text, "vae": vae}
 
     def build(blocks: int):
         return QwenImageTransformer2DModel.from_config({**config, "num_layers": blocks})
 
     return PlanSpec(model=model, source=source, num_blocks=config["num_layers"], dtype=dtype, build=build,
                     denoiser=denoiser_cls, lora_targets=family.lora_default_targets,
-                    text_width=config["joint_attention_dim"], other_models={"text_encoder": text, "vae": vae},
-                    fp8_targets=FP8_POLICIES[FP8_DEFAULT].targets)
+                    text_width=config["joint_attention_dim"], other_models=other_models,
+                    fp8_targets=FP8_POLICIES[FP8_DEFAULT].targets, blocks_path=family.lora_blocks,
+                    split_attention=family.split_attention)
