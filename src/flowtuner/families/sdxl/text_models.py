@@ -54,7 +54,9 @@ def load_clip(path: str | Path, component: str, device: torch.device | str = "cp
     """`component`: "clip_l" or "clip_g". `dtype`: None keeps the file's."""
     cls, base, _ = ENCODERS[component]
     src = find_component(path, component)
-    items, shapes = _items(src, component, dtype or src.dtype(src.keys()[0]))
+    # not the integer position_ids a file may list first (safetensors orders tensors by dtype size)
+    probe = next((k for k in src.keys() if k not in K.DROPPED[component]), src.keys()[0])
+    items, shapes = _items(src, component, dtype or src.dtype(probe))
     if src.config and src.config.get("model_type") == "clip_text_model":
         config = CLIPTextConfig.from_dict(src.config)
     else:
