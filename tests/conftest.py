@@ -13,6 +13,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 
 from tests.shared import SHARED, comfy, musubi, shared_path  # noqa: F401  (fixtures)
+from tests.comfy_server import comfy_server  # noqa: F401,E402  (fixture: a headless ComfyUI with the pack)
 
 
 @pytest.fixture(scope="session")

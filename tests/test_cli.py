@@ -41,7 +41,7 @@ def wrong_files(tmp_path_factory, tiny_files):
 
 @pytest.mark.parametrize("slot_file,expect", [
     (("--dit", "VAE"), "expected a Qwen-Image DiT, but this looks like a Qwen-Image / Wan-2.1 VAE"),
-    (("--dit", "sdxl.safetensors"), "looks like an SDXL / SD checkpoint"),
+    (("--dit", "sdxl.safetensors"), "SD 1.x / 2.x UNets are not supported"),  # no SDXL size embedding: detected, refused
     (("--dit", "truncated.safetensors"), "truncated"),
     (("--dit", "model.ckpt"), "pickled PyTorch checkpoint"),
     (("--vae", "DIT"), "expected a Qwen-Image VAE, but this looks like a Qwen-Image DiT"),

@@ -306,14 +306,15 @@ GUIDANCE_CASES = [
     ("renorm_cfg", {}), ("renorm_cfg", {"cfg_trunc": 0.5, "renorm_cfg": 1.5}),
     ("cfg_norm", {}), ("cfg_norm", {"strength": 0.8}), ("cfg_zero_star", {}), ("mahiro", {}), ("pag", {}),
 ]
+# model patches: tests/test_sdxl_guidance.py; SAG reads the UNet's attention: tests/test_sdxl_sag.py
+HOOKS = {n: m for n, m in METHODS.items() if m.stage not in ("mask", "model") and not m.reads_attention}
 SIGMAS = (0.9, 0.6, 0.3, 0.7)  # the last one rises: APG's momentum resets
 SHAPE = (2, 16, 12, 16)  # [B, C, H, W]; the ComfyUI layout adds a frame axis after C
 SCALE = 4.0
 
 
 def test_every_guidance_method_is_covered():
-    hooks = {name for name, m in METHODS.items() if m.stage != "mask"}
-    assert {name for name, _ in GUIDANCE_CASES} == hooks
+    assert {name for name, _ in GUIDANCE_CASES} == set(HOOKS)
 
 
 def _predictions(seed: int, batch: int):
@@ -389,7 +390,7 @@ def test_guidance_methods(comfy, monkeypatch, name, params, layout):
         torch.testing.assert_close(_comfy_layout(got, layout), theirs, atol=GUIDANCE_TOL, rtol=GUIDANCE_TOL)
 
 
-@pytest.mark.parametrize("name", sorted(n for n, m in METHODS.items() if m.stage != "mask"))
+@pytest.mark.parametrize("name", sorted(HOOKS))
 def test_which_methods_depend_on_the_layout(comfy, monkeypatch, name):
     """At their defaults, ComfyUI's 4-D and 5-D results differ exactly for LAYOUT_DIFFERS (the methods
     --guidance_layout changes; the switch without one of them is an error); FreSca on 5-D is plain CFG at

@@ -31,7 +31,9 @@ def prompt_file(tmp_path_factory):
     lines = {"baseline": ""}
     lines.update({f"sampler {n}": f"--sampler {n}" for n in SAMPLERS if n != "euler"})
     lines.update({f"scheduler {n}": f"--scheduler {n}" for n in SCHEDULERS})
-    lines.update({f"guidance {n}": f"--guidance {n}" + (f" {image}" if METHODS[n].stage == "mask" else "") for n in METHODS})
+    lines.update({f"guidance {n}": f"--guidance {n}" + (f" {image}" if METHODS[n].stage == "mask" else "") for n in METHODS
+                  if METHODS[n].stage != "model" and not METHODS[n].reads_attention})  # UNet-only: refused on Qwen
+    # (FreeU: tests/test_sdxl_guidance.py, SAG: tests/test_sdxl_sag.py)
     lines.update({f"grid {spec}": f"--guidance {spec}" for spec in LAYOUT_SPECS if spec not in METHODS})
     lines.update({f"comfyui {spec}": f"--guidance {spec} --guidance_layout comfyui" for spec in LAYOUT_SPECS})
     lines["inpaint"] = image

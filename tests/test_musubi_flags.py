@@ -168,12 +168,12 @@ def test_help_renders_every_option(capsys):
 def test_ignored_flags_log_one_line_and_aliases_set_options(caplog):
     caplog.set_level(logging.INFO)
     cfg = configure(flowtuner_parse("train", ["--persistent_data_loader_workers", "--xformers", "--compile",
-                                              "--blocks_to_swap", "0", "--guidance_scale", "3.5"]))
+                                              "--use_pinned_memory_for_block_swap", "--guidance_scale", "3.5"]))
     notes = [r.getMessage() for r in caplog.records if r.name == "flowtuner.musubi"]
     assert notes == ["--compile (musubi-tuner): flowtuner runs the DiT eagerly (torch.compile is not wired in yet)",
                      "--persistent_data_loader_workers (musubi-tuner): flowtuner's loader threads persist anyway",
-                     "--blocks_to_swap (musubi-tuner): block swapping is not available yet (it comes with the memory "
-                     "work); run without it",
+                     "--use_pinned_memory_for_block_swap (musubi-tuner): with --blocks_to_swap on CUDA the host "
+                     "copies are always pinned (transfers are asynchronous)",
                      "--guidance_scale (musubi-tuner): embedded guidance is HunyuanVideo's; Qwen-Image has none "
                      "(musubi-tuner ignores it too)"]
     assert cfg.attn_mode == "xformers" and cfg.model_version == "original"

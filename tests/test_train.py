@@ -107,7 +107,7 @@ def test_bad_options_are_one_line_errors(tmp_path, cached, tiny_files, capsys):
                            (("--network_args", "rank_dropout=0.1"), "--network_args rank_dropout: per-rank dropout is not available"),
                            (("--lr_scheduler", "adafactor"), "--lr_scheduler adafactor: not available: it is Adafactor's own"),
                            (("--log_with", "wandb"), "--log_with wandb: wandb is not available"),
-                           (("--fp8_scaled",), "--fp8_scaled: scaled fp8 DiT weights are not available yet"),
+                           (("--blocks_to_swap", "99"), "can be swapped"),
                            (("--log_with", "tensorboard"), "needs the tensorboard package"),
                            (("--optimizer_type", "NoSuchOpt"), "--optimizer_type NoSuchOpt: unknown")):
         if extra == ("--log_with", "tensorboard") and importlib.util.find_spec("tensorboard") is not None:

@@ -25,7 +25,7 @@ def cond_keys(job, family: Family) -> tuple[Key, Key | None]:
     """(the prompt's key, the negative prompt's key or None when guidance skips the unconditional pass)."""
     controls = controls_of(job)
     extra = family.control_key(job) if controls else ()
-    negative = (job.negative_prompt, controls, extra) if runs_uncond(job.guidance_scale) else None
+    negative = (job.negative_prompt, controls, extra) if runs_uncond(job.guidance_scale, job.guidance_methods()) else None
     return (job.prompt, controls, extra), negative
 
 

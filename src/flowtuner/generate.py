@@ -22,7 +22,7 @@ from flowtuner.families.base import Conditioning, Family, ModelPaths
 from flowtuner.init_images import encode_init_images, init_key, needs_codec, read_image_size
 from flowtuner.outputs import save_latent, save_png
 from flowtuner import conditioning
-from flowtuner.weights.fp8 import fp8_text_encoder
+from flowtuner.weights.fp8 import fp8_scaled, fp8_text_encoder
 from flowtuner.guidance import runs_uncond
 from flowtuner.sampling import InitImage, Job, check_sampling, check_size, sample_job, step_count
 
@@ -54,7 +54,7 @@ def make_jobs(cfg: GenerateConfig, family: Family) -> list[Job]:
         job = Job(prompt=prompt, num_images=cfg.num_images, **settings)
         check_size(job.height, job.width, size_step, "--image_size" if "height" not in overrides else "--h/--w")
         check_sampling(job)
-        if runs_uncond(job.guidance_scale) and job.negative_prompt is None:
+        if runs_uncond(job.guidance_scale, job.guidance_methods()) and job.negative_prompt is None:
             job.negative_prompt = " "  # musubi-tuner crashes without one; the reference uses " "
         jobs.append(job)
     return jobs
@@ -90,13 +90,26 @@ def release_cache() -> None:
         torch.cuda.empty_cache()
 
 
-def encode_prompts(family: Family, paths: ModelPaths, jobs: list[Job], device: torch.device) -> dict[tuple, Conditioning]:
-    """Every distinct (prompt or negative prompt, control images), encoded once."""
+def encode_prompts(family: Family, paths: ModelPaths, jobs: list[Job], device: torch.device,
+                   loras: list[tuple[str, float]] = ()) -> dict[tuple, Conditioning]:
+    """Every distinct (prompt or negative prompt, control images), encoded once; the text-encoder modules of
+    `loras` (file, multiplier) merged first."""
     encoder = family.load_text_encoder(paths, device)
+    if loras and family.text_loras:
+        merge_text_loras(family, encoder, loras)
     conds = conditioning.encode(encoder, conditioning.keys_of(jobs, family), family)
     del encoder
     release_cache()
     return conds
+
+
+def merge_text_loras(family: Family, encoder, loras: list[tuple[str, float]]) -> None:
+    from flowtuner.train.lora_formats import read_lora_file
+
+    for file, multiplier in loras:
+        _, text = family.lora_parts(read_lora_file(file, *family.lora_names()))
+        if text:
+            family.merge_text_lora(encoder, text, multiplier, f"--lora_weight {file}")
 
 
 def lora_pairs(cfg: GenerateConfig) -> list[tuple[str, float]]:
@@ -108,24 +121,30 @@ def lora_pairs(cfg: GenerateConfig) -> list[tuple[str, float]]:
 
 
 def load_denoiser_with_loras(family: Family, paths: ModelPaths, device, attn_mode: str, loras: list[tuple[str, float]],
-                             fp8: bool = False):
+                             fp8: bool = False, blocks_to_swap: int = 0):
     """With `fp8` (--fp8_base) the LoRAs stay unmerged, applied by forward hooks in float32: merging into fp8
-    weights re-rounds the LoRA's change (measured: 1.5x its error, docs/memory.md "fp8 base")."""
+    weights re-rounds the LoRA's change (measured: 1.5x its error, docs/memory.md "fp8 base"). With
+    `blocks_to_swap` the DiT loads on the host, LoRAs merge there, then the blocks spread over host and device."""
     from flowtuner.train.lora import LoRANetwork, merge_into
     from flowtuner.train.lora_formats import read_lora_file
+    from flowtuner.weights.block_swap import enable
     from flowtuner.weights.fp8 import fp8_base
 
     with fp8_base(fp8):
-        denoiser = family.load_denoiser(paths, device, attn_mode)
+        denoiser = family.load_denoiser(paths, torch.device("cpu") if blocks_to_swap else device, attn_mode)
+    unmerged = []
     for file, multiplier in loras:
-        weights = read_lora_file(file, *family.lora_names())
+        weights, _ = family.lora_parts(read_lora_file(file, *family.lora_names()))  # text modules: encode_prompts
         source = f"--lora_weight {file}"
         if fp8:
-            network = LoRANetwork.from_weights(denoiser.module, weights, source).to(denoiser.device).attach()
-            network.set_multiplier(multiplier)
+            unmerged.append((LoRANetwork.from_weights(denoiser.module, weights, source), multiplier))
         else:
             merge_into(denoiser.module, weights, multiplier, source=source)
         log.info("%s LoRA %s (x%s, %d modules)", "applied (unmerged)" if fp8 else "merged", file, multiplier, len(weights))
+    if blocks_to_swap:
+        enable(denoiser, blocks_to_swap, device)
+    for network, multiplier in unmerged:
+        network.to(denoiser.device).attach().set_multiplier(multiplier)
     return denoiser
 
 
@@ -141,8 +160,9 @@ def save_merged(family: Family, paths: ModelPaths, cfg: GenerateConfig) -> Path:
 
 def sample_all(family: Family, paths: ModelPaths, jobs: list[Job], conds: dict[tuple, Conditioning],
                device: torch.device, attn_mode: str, loras: list[tuple[str, float]] = (),
-               inits: dict[tuple, InitImage] | None = None, fp8: bool = False) -> list[tuple[Job, int, torch.Tensor]]:
-    denoiser = load_denoiser_with_loras(family, paths, device, attn_mode, list(loras), fp8)
+               inits: dict[tuple, InitImage] | None = None, fp8: bool = False,
+               blocks_to_swap: int = 0) -> list[tuple[Job, int, torch.Tensor]]:
+    denoiser = load_denoiser_with_loras(family, paths, device, attn_mode, list(loras), fp8, blocks_to_swap)
     inits = inits or {}
     total = sum(step_count(family, j, denoiser.geometry(j.height, j.width).image_tokens) * j.num_images for j in jobs)
     with tqdm(total=total, desc="sampling", unit="step") as bar:
@@ -175,7 +195,7 @@ def run(cfg: GenerateConfig, family: Family | None = None) -> list[Path]:
     family.validate(paths, ("text_encoder", "dit") + (("vae",) if decode or codec_first else ()))
     device = pick_device(cfg.device)
     with fp8_text_encoder(cfg.fp8_vl):
-        conds = encode_prompts(family, paths, jobs, torch.device("cpu") if cfg.text_encoder_cpu else device)
+        conds = encode_prompts(family, paths, jobs, torch.device("cpu") if cfg.text_encoder_cpu else device, lora_pairs(cfg))
     inits = {}
     if codec_first:
         codec = family.load_codec(paths, device)
@@ -183,7 +203,9 @@ def run(cfg: GenerateConfig, family: Family | None = None) -> list[Path]:
         conds = conditioning.with_controls(family, conds, codec)
         del codec
         release_cache()
-    results = sample_all(family, paths, jobs, conds, device, cfg.attn_mode, lora_pairs(cfg), inits, cfg.fp8_base)
+    with fp8_scaled(cfg.fp8_scaled):
+        results = sample_all(family, paths, jobs, conds, device, cfg.attn_mode, lora_pairs(cfg), inits, cfg.fp8_base,
+                             cfg.blocks_to_swap)
     out_dir, written = Path(cfg.save_path), []
     if cfg.output_type in ("latent", "latent_images"):
         written += [save_latent(lat, out_dir, params_of(job, seed, paths)) for job, seed, lat in results]

@@ -5,6 +5,7 @@ denoiser and its defaults)."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -14,8 +15,9 @@ from flowtuner.conditioning import cond_keys
 from flowtuner.config.sampling import CFG_MODES, MODEL_SAMPLINGS, SamplingConfig, ScheduleConfig
 from flowtuner.errors import ConfigError
 from flowtuner.families.base import Conditioning, Denoiser, Family
+from flowtuner.flow.discrete import DiscreteSampling
 from flowtuner.flow.model_sampling import SigmaTable
-from flowtuner.flow.samplers import SAMPLERS
+from flowtuner.flow.samplers import FLOW, SAMPLERS, VE, Noising
 from flowtuner.guidance import guided_model
 from flowtuner.guidance.methods import LAYOUT_DIFFERS, LAYOUTS, METHODS, parse_guidance
 from flowtuner.guidance.masks import masked_model
@@ -155,7 +157,8 @@ def schedule(family: Family, cfg: ScheduleConfig, steps: int, height: int, width
         sigmas = family.default_sigmas(steps, image_tokens, **{k: v for k, v in overrides.items() if v is not None})
         return Schedule(sigmas, 0.0, family.comfy_model_sampling())
     table = comfy_table(family, cfg, height, width)
-    return Schedule(SCHEDULERS[cfg.scheduler](table, steps), table.sigma_min, table)
+    floor = float(table.flow_sigmas(torch.tensor([table.sigma_min]))[0])
+    return Schedule(table.flow_sigmas(SCHEDULERS[cfg.scheduler](table, steps)), floor, table)
 
 
 def start_index(steps: int, strength: float) -> int:
@@ -201,6 +204,80 @@ def mask_function(job: Job, mask: torch.Tensor, sigmas: torch.Tensor, floor: flo
     return METHODS[name].fn(mask.to(torch.float32), float(sigmas[0]), max(floor, float(sigmas[-1])), params)
 
 
+@dataclass(frozen=True)
+class SamplerSpace:
+    """The coordinates the samplers integrate in, as ComfyUI picks them from the model sampling: flow models on the
+    flow path x = (1 - s) x0 + s eps; discrete (VP) models in variance-exploding space x = x0 + s eps, where the
+    stochastic and multistep samplers' updates differ from flow coordinates (Euler alone is the same in both).
+    `to_flow(s)` -> (flow sigma, x_flow / x) at the space's sigma s; `sigma(f)` the space's sigma at flow sigma f.
+    Denoisers keep one convention (flow in, flow velocity out): `model` converts around them, so guidance hooks
+    see the space's x and sigma exactly as ComfyUI's do."""
+
+    noising: Noising
+    to_flow: Callable[[float], tuple[float, float]]
+    sigma: Callable[[float], float]
+    identity: bool = False  # the flow path itself: nothing to convert (not even by float rounding)
+
+    def sigmas(self, flow_sigmas: torch.Tensor) -> torch.Tensor:
+        if self.identity:
+            return flow_sigmas
+        return torch.tensor([self.sigma(float(f)) for f in flow_sigmas.double()], dtype=torch.float32)
+
+    def state(self, x_flow: torch.Tensor, flow_sigma: float) -> torch.Tensor:
+        return x_flow if self.identity else x_flow / self.to_flow(self.sigma(flow_sigma))[1]
+
+    def flow_state(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
+        return x if self.identity else x * self.to_flow(sigma)[1]
+
+    def model(self, predict: Callable) -> Callable:
+        """predict(x_flow, flow sigma, *args) -> v  =>  the space's (x - D) / s at (x, s)."""
+        if self.identity:
+            return predict
+
+        def in_space(x: torch.Tensor, sigma, *args) -> torch.Tensor:
+            s = float(sigma)
+            f, scale = self.to_flow(s)
+            x_flow = x * scale
+            denoised = x_flow - f * predict(x_flow, torch.tensor(f, dtype=torch.float64), *args).to(torch.float32)
+            return (x - denoised) / s
+
+        return in_space
+
+    def flow_model(self, model: Callable) -> Callable:
+        """The inverse of `model`: a model of the space as one on the flow path (the inpainting wrapper's view)."""
+        if self.identity:
+            return model
+
+        def on_flow(x_flow: torch.Tensor, sigma) -> torch.Tensor:
+            f = float(sigma)
+            s = self.sigma(f)
+            x = x_flow / self.to_flow(s)[1]
+            denoised = x - s * model(x, torch.tensor(s)).to(torch.float32)
+            return (x_flow - denoised) / f
+
+        return on_flow
+
+
+FLOW_SPACE = SamplerSpace(FLOW, lambda s: (s, 1.0), lambda f: f, identity=True)
+# x_VE = x0 + s eps = x_flow (1 + s) at flow sigma s / (1 + s); flow sigma 1 (pure noise) has no VE sigma
+VE_SPACE = SamplerSpace(VE, lambda s: (s / (1 + s), 1 / (1 + s)), lambda f: f / (1 - f) if f < 1 else float("inf"))
+#: model-sampling class -> where ComfyUI's samplers run it (any other: the flow path)
+SPACES: dict[type, SamplerSpace] = {DiscreteSampling: VE_SPACE}
+
+
+def sampler_space(sampling: SigmaTable) -> SamplerSpace:
+    return SPACES.get(type(sampling), FLOW_SPACE)
+
+
+def model_patches(denoiser: Denoiser, job: Job) -> ExitStack:
+    """The --guidance methods that patch the model itself (FreeU), entered for the whole run."""
+    stack = ExitStack()
+    for name, params in job.guidance_methods():
+        if METHODS[name].stage == "model":
+            stack.enter_context(METHODS[name].fn(denoiser, params))
+    return stack
+
+
 @torch.no_grad()
 def sample_job(denoiser: Denoiser, family: Family, job: Job, conds: dict[tuple, Conditioning], on_step=None,
                init: InitImage | None = None) -> list[tuple[Job, int, torch.Tensor]]:
@@ -208,23 +285,30 @@ def sample_job(denoiser: Denoiser, family: Family, job: Job, conds: dict[tuple, 
     sigmas, floor, sampling = job_sigmas(family, job, geometry.image_tokens)
     key, negative = cond_keys(job, family)
     uncond = conds[negative] if negative is not None else None
-    hooks = [m for m in job.guidance_methods() if METHODS[m[0]].stage != "mask"]
-    model = guided_model(lambda x, s, c: denoiser.predict(x, s, c, geometry), conds[key], uncond,
+    hooks = [m for m in job.guidance_methods() if METHODS[m[0]].stage not in ("mask", "model")]
+    space = sampler_space(sampling)
+    model = guided_model(space.model(lambda x, s, c: denoiser.predict(x, s, c, geometry)), conds[key], uncond,
                          job.guidance_scale, denoiser.feature_dim, cfg=job.cfg_mode, methods=hooks,
-                         grid=denoiser.grid(geometry), perturb=denoiser.perturbed_attention, layout=job.guidance_layout)
+                         grid=denoiser.grid(geometry), perturb=denoiser.perturbed_attention, layout=job.guidance_layout,
+                         record=denoiser.record_self_attention)
     device = denoiser.device  # the sampler state lives where the model's outputs do
     source = None if init is None else denoiser.from_latents(init.latents)[0].to(device, torch.float32)
     mask_at = (None if init is None or init.mask is None
                else mask_function(job, denoiser.from_latents(init.mask)[0].to(device), sigmas, floor))
+    steps = space.sigmas(sigmas)
+    callback = None if on_step is None else lambda i, x, s: on_step(i, space.flow_state(x, float(s)), float(sigmas[i]))
     out = []
-    for seed in range(job.seed, job.seed + job.num_images):
-        noise = denoiser.noise(geometry, seed).to(device)  # drawn on the CPU, as the reference draws it
-        x, run_model = noise, model
-        if source is not None:  # diffusers' scale_noise: start on the source's path at the first sigma
-            x = float(sigmas[0]) * noise + (1 - float(sigmas[0])) * source
-            if mask_at is not None:
-                run_model = masked_model(model, source, noise, mask_at)
-        x = SAMPLERS[job.sampler](run_model, x, sigmas, callback=on_step, sampling=sampling,
-                                  generator=torch.Generator().manual_seed(seed))  # ancestral / SDE / LCM noise
-        out.append((job, seed, denoiser.to_latents(x, geometry).cpu()))
+    with model_patches(denoiser, job):
+        for seed in range(job.seed, job.seed + job.num_images):
+            noise = denoiser.noise(geometry, seed).to(device)  # drawn on the CPU, as the reference draws it
+            x, run_model = noise * sampling.flow_noise_scale(float(sigmas[0])), model
+            if source is not None:  # diffusers' scale_noise: start on the source's path at the first sigma
+                x = float(sigmas[0]) * noise + (1 - float(sigmas[0])) * source
+                if mask_at is not None:  # the inpainting wrapper works on the flow path, around the guided model
+                    run_model = space.model(masked_model(space.flow_model(model), source, noise, mask_at))
+            x = SAMPLERS[job.sampler](run_model, space.state(x, float(sigmas[0])), steps, callback=callback,
+                                      sampling=sampling, noising=space.noising,
+                                      generator=torch.Generator().manual_seed(seed))  # ancestral / SDE / LCM noise
+            x = space.flow_state(x, float(steps[-1]))
+            out.append((job, seed, denoiser.to_latents(x, geometry).cpu()))
     return out

@@ -10,7 +10,7 @@ from flowtuner import __version__
 from flowtuner.errors import FlowtunerError
 
 # subcommand -> module under flowtuner.cli with `register(subparsers)` and `run(args)`
-COMMANDS = ("generate", "dataset", "caching", "train", "plan", "demo", "sigmas")
+COMMANDS = ("generate", "dataset", "caching", "train", "plan", "demo", "sigmas", "comfyui")
 
 
 def build_parser() -> argparse.ArgumentParser:

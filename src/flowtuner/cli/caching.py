@@ -27,11 +27,13 @@ def configure(args, cls, table):
 
 def run(cfg) -> int:
     from flowtuner.data.caching import cache_latents, cache_text
+    from flowtuner.data.distributed import refuse_several_processes
     from flowtuner.data.config import load_dataset_config
     from flowtuner.families import family_for
     from flowtuner.generate import pick_device
     from flowtuner.weights.fp8 import fp8_text_encoder
 
+    refuse_several_processes("cache-latents" if isinstance(cfg, CacheLatentsConfig) else "cache-text")
     datasets = load_dataset_config(cfg.dataset_config, {"batch_size": cfg.batch_size})
     family = family_for(cfg)
     if isinstance(cfg, CacheLatentsConfig):

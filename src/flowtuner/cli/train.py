@@ -117,6 +117,6 @@ def convert(args) -> int:
     family = family_for(args)  # resolves --model_version
     weights = read_lora_file(args.input, *family.lora_names())
     meta = {k: v for k, v in open_checkpoint(args.input).metadata.items() if k.startswith(("ss_", "modelspec."))}
-    write_lora_file(weights, args.output, args.format, meta)
+    write_lora_file(weights, args.output, args.format, meta, names=family.lora_names())
     print(f"{args.output}: {len(weights)} modules, {args.format} layout")
     return 0

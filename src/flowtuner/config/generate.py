@@ -5,12 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from flowtuner.config.fields import opt
-from flowtuner.config.models import ModelFiles, ModelVersion
+from flowtuner.config.models import ModelFiles, ModelPrediction, ModelVersion
 from flowtuner.config.sampling import PRESETS, SamplingConfig
 
 
 @dataclass(kw_only=True)
-class GenerateConfig(SamplingConfig, ModelVersion, ModelFiles):
+class GenerateConfig(SamplingConfig, ModelPrediction, ModelVersion, ModelFiles):
     preset: str | None = opt(help="a bundle of sampling settings; explicit flags win: "
                                   + "; ".join(f"{k}: {', '.join(f'{n}={v:g}' if isinstance(v, float) else f'{n}={v}' for n, v in p.items())}"
                                               for k, p in PRESETS.items()), choices=tuple(PRESETS))
@@ -51,4 +51,11 @@ class GenerateConfig(SamplingConfig, ModelVersion, ModelFiles):
     fp8_base: bool = opt(False, "store the DiT's block Linears in fp8 (float8_e4m3fn), computed in the weights' dtype; "
                                 "fp8 files load as they are; --lora_weight LoRAs stay unmerged (docs/memory.md)",
                          aliases=("fp8",))
+    fp8_scaled: bool = opt(False, "--fp8_base (implied) with a scale per output channel of each fp8 weight, closer to "
+                                  "bf16 (docs/memory.md \"fp8 scaled\"); fp8 files keep their own values")
+    blocks_to_swap: int = opt(0, "keep this many DiT blocks' weights in host memory (pinned on CUDA), streamed "
+                                 "host->device before each use; at most blocks - 1 (docs/memory.md \"Block swap\")")
     save_merged_model: str | None = opt(help="merge the LoRAs into the DiT, save it to this .safetensors file, and stop")
+
+    def __post_init__(self) -> None:
+        self.fp8_base = self.fp8_base or self.fp8_scaled  # musubi-tuner's inference takes --fp8_scaled alone too

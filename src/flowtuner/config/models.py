@@ -34,6 +34,19 @@ class ModelVersion:
     edit_plus: bool = opt(False, "musubi-tuner's legacy switch for --model_version edit-2509 (wins over --edit)")
 
 
+@dataclass
+class ModelPrediction:
+    """What the model predicts / is trained to predict (families.family_for checks it against the family)."""
+
+    prediction_type: str | None = opt(help="flow (v = eps - x0, the UNet fed 1000 sigma), eps or v (the DDPM table): "
+                                           "train: the objective (default: the family's; SDXL: flow, converting an eps "
+                                           "checkpoint); generate: what the checkpoint predicts (default: SDXL eps; Qwen: "
+                                           "flow) (docs/sdxl.md)", choices=("flow", "eps", "v"), type=str.lower)
+    v_parameterization: bool = opt(False, "sd-scripts' switch: same as --prediction_type v")
+    zero_terminal_snr: bool = opt(False, "eps / v: the DDPM table rescaled to zero terminal SNR (sd-scripts' flag; "
+                                         "ComfyUI's ModelSamplingDiscrete zsnr)")
+
+
 def resolve_model_version(cfg) -> str:
     """musubi-tuner's rule (--model_version, else --edit_plus, else --edit), else what the model files say
     (families.detect_version), else the default; stored back in cfg.model_version. A version the files

@@ -67,9 +67,9 @@ NO_UPLOAD = "flowtuner does not upload; the files stay in --output_dir"
 NO_WANDB = "wandb is not available; --log_with tensorboard is"
 READER = "flowtuner reads safetensors with its own reader (one copy in RAM); nothing to disable"
 LAYERS = "flowtuner counts the blocks in the DiT file"
-SWAP_ONLY = "only matters with --blocks_to_swap, which is not available yet"
-FP8_SCALED = ("scaled fp8 DiT weights are not available yet; use --fp8_base (plain e4m3fn; fp8 and fp8_scaled DiT "
-              "files load as they are with it)")
+PINNED = "with --blocks_to_swap on CUDA the host copies are always pinned (transfers are asynchronous)"
+H2D_ONLY = ("flowtuner's block swap is host-to-device only already (frozen weights are never copied back); "
+            "--block_swap_ring_size sets its device buffers")
 METADATA = "flowtuner writes its own modelspec.* metadata; this value is not used"
 
 COMPILE: dict[str, Flag] = {
@@ -88,8 +88,6 @@ TRAIN: dict[str, Flag] = {
     "sage_attn": Flag(FLAG, "same as --attn_mode sage", sets=("attn_mode", "sage")),
     "xformers": Flag(FLAG, "same as --attn_mode xformers", sets=("attn_mode", "xformers")),
     "flash3": Flag(FLAG, "FlashAttention 3 is not used for Qwen-Image (nor by musubi-tuner); --attn_mode picks the backend"),
-    "split_attn": Flag(FLAG, "flowtuner attends over the whole batch with a padding mask (the same result; splitting "
-                             "per sample would only save a little memory)"),
     # compile, CUDA, dynamo
     **COMPILE,
     "cuda_allow_tf32": Flag(FLAG, "enables TF32 matmuls and convolutions", apply=_tf32),
@@ -100,13 +98,8 @@ TRAIN: dict[str, Flag] = {
     "dynamo_dynamic": Flag(FLAG, "accelerate's dynamo is not used"),
     # data and memory
     "persistent_data_loader_workers": Flag(FLAG, "flowtuner's loader threads persist anyway"),
-    "gradient_checkpointing_cpu_offload": Flag(FLAG, "activations are not offloaded to the CPU; plain "
-                                                     "--gradient_checkpointing applies when given"),
-    "fp8_scaled": Flag(FLAG, FP8_SCALED, refuse=True),
-    "blocks_to_swap": Flag(INT, "block swapping is " + MEMORY_WORK, refuse=True),
-    "use_pinned_memory_for_block_swap": Flag(FLAG, SWAP_ONLY),
-    "block_swap_h2d_only": Flag(FLAG, SWAP_ONLY),
-    "block_swap_ring_size": Flag(INT, SWAP_ONLY),
+    "use_pinned_memory_for_block_swap": Flag(FLAG, PINNED),
+    "block_swap_h2d_only": Flag(FLAG, H2D_ONLY),
     "img_in_txt_in_offloading": Flag(FLAG, "no effect for Qwen-Image (as in musubi-tuner)"),
     "disable_numpy_memmap": Flag(FLAG, READER),
     "num_layers": Flag(INT, LAYERS),
@@ -174,9 +167,7 @@ GENERATE: dict[str, Flag] = {
     "output_layers": Flag(INT, LAYERED_ONLY),
     "append_original_name": Flag(FLAG, "output names are flowtuner's own (time stamp and seed)"),
     "embedded_cfg_scale": Flag(FLOAT, "unused by Qwen-Image (musubi-tuner only writes it into the metadata)"),
-    "fp8_scaled": Flag(FLAG, FP8_SCALED, refuse=True),
-    "blocks_to_swap": Flag(INT, "block swapping is " + MEMORY_WORK, refuse=True),
-    "use_pinned_memory_for_block_swap": Flag(FLAG, SWAP_ONLY),
+    "use_pinned_memory_for_block_swap": Flag(FLAG, PINNED),
     "no_metadata": Flag(FLAG, "flowtuner always embeds the generation parameters in its outputs"),
     "latent_path": Flag(STRS, "decoding saved latents is not available yet", refuse=True),
     "lycoris": Flag(FLAG, "flowtuner merges LoRA files itself (kohya, diffusers and ComfyUI layouts); LoHa / LoKr "

@@ -63,6 +63,11 @@ PRESETS: dict[str, dict] = {
     # KSampler 20 steps, cfg 2.5, euler / simple.
     "comfy-qwen-edit": {"infer_steps": 20, "guidance_scale": 2.5, "scheduler": "simple", "sampler": "euler",
                         "model_sampling": "aura_flow", "shift": 3.0, "cfg_mode": "plain", "guidance": ["cfg_norm:strength=1"]},
+    # bigASP v2.5's model card (a flow-matching SDXL): ModelSamplingSD3 shift 6 ("best overall"), euler / normal,
+    # CFG 5 (its 4-6 range), negative "low quality"; the model is SDXL and predicts flow whatever its file says.
+    "bigasp": {"model_version": "sdxl", "prediction_type": "flow", "sampler": "euler", "scheduler": "normal",
+               "model_sampling": "sd3", "shift": 6.0, "guidance_scale": 5.0, "cfg_mode": "plain",
+               "negative_prompt": "low quality"},
 }
 
 

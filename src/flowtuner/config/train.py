@@ -7,7 +7,7 @@ import logging
 from dataclasses import dataclass, field
 
 from flowtuner.config.fields import opt
-from flowtuner.config.models import ModelFiles, ModelVersion
+from flowtuner.config.models import ModelFiles, ModelPrediction, ModelVersion
 from flowtuner.errors import ConfigError
 from flowtuner.flow.timesteps import SAMPLERS, TimestepOptions
 from flowtuner.train.optim import REFUSED, SCHEDULES, ScheduleOptions, parse_kv
@@ -25,20 +25,35 @@ def int_or_float(text: str) -> int | float:
 
 
 @dataclass
-class TrainConfig(ModelVersion, ModelFiles):
+class TrainConfig(ModelPrediction, ModelVersion, ModelFiles):
+    trains = True  # families.family_for: --prediction_type defaults to the family's training objective
     # data (model files: ModelFiles; vae / text_encoder are only needed for sample images)
     dataset_config: str | None = opt(help="dataset config whose caches are trained on (musubi-tuner TOML / JSON)")
     config_file: str | None = opt(help="TOML file with any of these options (sections are flattened); flags override it")
     # run length and precision
     max_train_steps: int = opt(1600, "optimizer steps to train")
     max_train_epochs: int | None = opt(help="epochs to train (overrides --max_train_steps)")
+    max_train_samples: int | None = opt(help="samples to train (overrides --max_train_steps): steps = ceil(samples / global "
+                                             "batch); the LR schedule then counts samples (docs/training.md)")
     seed: int | None = opt(help="random seed: data order, noise, timesteps (default: random, recorded)")
     mixed_precision: str = opt("no", "autocast precision", choices=("no", "fp16", "bf16"))
     gradient_accumulation_steps: int = opt(1, "micro-batches per optimizer step")
     fp8_base: bool = opt(False, "train: store the frozen DiT's block Linears in fp8 (float8_e4m3fn), computed in the "
                                 "mixed precision; the LoRA stays fp32 (docs/memory.md); finetune refuses it")
+    fp8_scaled: bool = opt(False, "train: --fp8_base (implied) with a scale per output channel of each fp8 weight, "
+                                  "closer to bf16 (docs/memory.md \"fp8 scaled\"); fp8 files keep their own values")
     fp8_vl: bool = opt(False, "sample prompts: store the text encoder's decoder Linears in fp8 (about half its memory)")
     gradient_checkpointing: bool = opt(False, "recompute block activations in backward (less memory, ~30% slower)")
+    blocks_to_swap: int = opt(0, "train (LoRA): keep this many DiT blocks' frozen weights in host memory (pinned on "
+                                 "CUDA), streamed host->device before each use, forward and backward; at most blocks - 1 "
+                                 "(docs/memory.md \"Block swap\"); finetune refuses it")
+    block_swap_ring_size: int = opt(2, "with --blocks_to_swap: device buffers the streamed blocks rotate through (2: "
+                                       "one computing while the next loads)")
+    gradient_checkpointing_cpu_offload: bool = opt(False, "with --gradient_checkpointing: keep the block inputs it saves in "
+                                                          "host memory, copied back for the recomputation (docs/memory.md)")
+    split_attn: bool = opt(False, "attention per sample over its own text length, without a padding mask (needed for "
+                                  "batch > 1 with flash / sage / xformers; less attention memory; docs/memory.md)")
+    no_plan: bool = opt(False, "CUDA runs: do not plan and print the step's memory at start (~2-5 s; docs/memory.md)")
     max_data_loader_n_workers: int = opt(2, "cache reader threads")
     device: str | None = opt(help="device (default: cuda when available; accelerate launch decides otherwise)")
     # objective
@@ -73,6 +88,8 @@ class TrainConfig(ModelVersion, ModelFiles):
                                         "musubi-tuner); " + ", ".join(REFUSED) + " are refused with the reason")
     lr_warmup_steps: float = opt(0, "warmup: steps, a fraction of the run when below 1, or N%", type=int_or_float)
     lr_decay_steps: float = opt(0, "warmup_stable_decay: decay steps (same units as --lr_warmup_steps)", type=int_or_float)
+    lr_warmup_samples: int | None = opt(help="warmup in samples instead of steps; the schedule's clock is then step x the "
+                                             "global batch (Composer's \"sp\" units, docs/training.md)")
     lr_scheduler_num_cycles: int = opt(1, "cosine_with_restarts: restarts; cosine_with_min_lr / warmup_stable_decay: "
                                           "half-cosines (num_cycles / 2 full ones)")
     lr_scheduler_power: float = opt(1.0, "polynomial: power of the decay")
@@ -117,6 +134,16 @@ class TrainConfig(ModelVersion, ModelFiles):
                                   "PyTorch SDPA)", choices=("torch", "sdpa", "flash", "sage", "xformers"))
     sdpa: bool = opt(False, "musubi-tuner's flag: same as --attn_mode sdpa")
 
+    def __post_init__(self) -> None:
+        self.fp8_base = self.fp8_base or self.fp8_scaled  # musubi-tuner asks for both; --fp8_scaled alone means the same
+        if self.max_train_samples is not None and self.max_train_epochs:
+            raise ConfigError("give --max_train_samples or --max_train_epochs, not both.")
+        if self.lr_warmup_samples is not None and self.lr_warmup_steps:
+            raise ConfigError("give --lr_warmup_samples or --lr_warmup_steps, not both.")
+        for flag, least in (("max_train_samples", 1), ("lr_warmup_samples", 0)):
+            if getattr(self, flag) is not None and getattr(self, flag) < least:
+                raise ConfigError(f"--{flag} {getattr(self, flag)}: must be at least {least}.")
+
     def timestep_options(self) -> TimestepOptions:
         return TimestepOptions(self.sigmoid_scale, self.discrete_flow_shift, self.logit_mean, self.logit_std, self.min_timestep,
                                self.max_timestep, self.preserve_distribution_shape, self.weighting_scheme, self.mode_scale)
@@ -124,7 +151,8 @@ class TrainConfig(ModelVersion, ModelFiles):
     def schedule_options(self) -> ScheduleOptions:
         return ScheduleOptions(self.lr_warmup_steps, self.lr_decay_steps, self.lr_scheduler_num_cycles, self.lr_scheduler_power,
                                self.lr_scheduler_timescale, self.lr_scheduler_min_lr_ratio, self.lr_scheduler_type or "",
-                               parse_kv(self.lr_scheduler_args, "--lr_scheduler_args"))
+                               parse_kv(self.lr_scheduler_args, "--lr_scheduler_args"), self.lr_warmup_samples,
+                               self.max_train_samples)
 
     def network_options(self) -> NetworkOptions:
         return parse_network_args(self.network_args)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,6 +61,21 @@ def control_tensor_key(index: int, latent: torch.Tensor) -> str:
 def tensor_key(name: str, tensor: torch.Tensor) -> str:
     """musubi-tuner's cache key: the tensor's name, then its dtype."""
     return f"{name}_{dtype_name(tensor.dtype)}"
+
+
+# prompt variants (dataset option prompt_variants = K): variant 0 under the family's plain names, the others as
+# "v{k}.{name}" in the same file, so a K = 1 cache is exactly the plain one
+_VARIANT = re.compile(r"^v(\d+)\.(.+)$")
+
+
+def variant_name(name: str, k: int) -> str:
+    return name if k == 0 else f"v{k}.{name}"
+
+
+def split_variant(name: str) -> tuple[int, str]:
+    """(variant number, the family's tensor name) of a text-cache tensor name (no dtype suffix)."""
+    m = _VARIANT.match(name)
+    return (int(m[1]), m[2]) if m else (0, name)
 
 
 def tensor_name(key: str) -> str:
@@ -170,11 +186,13 @@ def save_cache(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str,
 
 
 def save_latent_cache(path: Path, latent: torch.Tensor, architecture: str, size: tuple[int, int], provenance: dict,
-                      controls: list[torch.Tensor] = ()) -> None:
+                      controls: list[torch.Tensor] = (), extras: dict[str, torch.Tensor] | None = None) -> None:
     """musubi-tuner's latent cache: latent [C, F, h, w], and an edit model's control latents in order;
-    `size` = the original image's (W, H)."""
+    `size` = the original image's (W, H); `extras`: other per-image tensors by name (e.g. the crop), each key
+    `{name}_{dtype}`."""
     meta = {"architecture": architecture, "width": str(size[0]), "height": str(size[1]), "format_version": FORMAT_VERSION}
     tensors = {latent_tensor_key(latent): latent, **{control_tensor_key(i, c): c for i, c in enumerate(controls)}}
+    tensors.update({tensor_key(name, t): t for name, t in (extras or {}).items()})
     save_cache(path, tensors, meta, provenance)
 
 

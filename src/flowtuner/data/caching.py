@@ -18,15 +18,16 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from flowtuner.data.buckets import BucketSelector, resize_to_bucket
+from flowtuner.data.buckets import BucketSelector, bucket_selector
 from flowtuner.data.cache import (
     FRESH, MISSING, STALE, UNVERIFIED, check_cache, latent_cache_path, remove_quietly, save_latent_cache, save_text_cache,
-    source_identity, text_cache_path, weights_identity, written_by_flowtuner,
+    source_identity, text_cache_path, variant_name, weights_identity, written_by_flowtuner,
 )
 from flowtuner.data.config import Dataset
 from flowtuner.data.controls import ControlPlan, control_pixels, control_rule, control_size, plan_controls
 from flowtuner.data.images import ImageReadError, read_info, read_rgb
 from flowtuner.data.sources import Item, collect_items
+from flowtuner.errors import ConfigError
 from flowtuner.families.base import Family, ModelPaths
 from flowtuner.families.paths import require
 from flowtuner.weights.reader import open_checkpoint
@@ -37,6 +38,9 @@ CACHE_DTYPE = torch.bfloat16  # musubi-tuner's caches are bf16
 CHECK_THREADS = max(1, min(8, (os.cpu_count() or 2) - 1))
 # as stored (no EXIF rotation), cover + centre crop, Lanczos up / INTER_AREA down (musubi-tuner's pixels), mode
 LATENT_RECIPE = "stored-cover-crop-lanczos-inter_area/mode/v2"
+# the prompt recipe's seed for cache-text's variants: variant k of an item is drawn from (this, k, item key), so
+# raising prompt_variants keeps the variants already cached and adds new ones
+VARIANT_SEED = 0
 
 
 @dataclass
@@ -80,6 +84,7 @@ class Task:
     size: tuple[int, int] | None = None  # original image (W, H)
     controls: list[Path] = field(default_factory=list)  # the control images the model reads, in order
     control_sizes: list[tuple[int, int]] = field(default_factory=list)  # (W, H) each is cached at
+    selector: object = None  # the dataset's bucket rule (data/buckets.py): how the image is placed in its bucket
 
 
 def _sweep_temp_files(folder: Path) -> None:
@@ -174,7 +179,7 @@ def _latent_tasks(datasets, family, vae_id, summary, protected) -> list[Task]:
     for ds in datasets:
         items, _ = collect_items(ds)
         plan = _dataset_plan(ds, items, family, summary)
-        selector = BucketSelector(ds.resolution, ds.enable_bucket, ds.bucket_no_upscale, family.size_step)
+        selector = bucket_selector(ds, family.size_step)
         for item in items:
             try:
                 try:
@@ -188,8 +193,9 @@ def _latent_tasks(datasets, family, vae_id, summary, protected) -> list[Task]:
                 protected[ds.cache_directory].add(item.key)
                 continue
             path = latent_cache_path(ds.cache_directory, item.key, (info.width, info.height), family.cache_arch)
-            expected = {"bucket": list(bucket), "model": vae_id, "recipe": LATENT_RECIPE, **_control_record(ds, sizes, family)}
-            tasks.append(Task(ds, item, path, expected, bucket, (info.width, info.height), controls, sizes))
+            expected = {"bucket": list(bucket), "model": vae_id, "recipe": LATENT_RECIPE, **selector.record(),
+                        **_control_record(ds, sizes, family)}
+            tasks.append(Task(ds, item, path, expected, bucket, (info.width, info.height), controls, sizes, selector))
     return tasks
 
 
@@ -197,6 +203,7 @@ def _latent_tasks(datasets, family, vae_id, summary, protected) -> list[Task]:
 class Loaded:
     target: np.ndarray
     controls: list[np.ndarray]
+    crop: tuple[int, int] = (0, 0)  # (left, top) cropped off the resized image
 
 
 def _load_controls(task: Task) -> list[np.ndarray]:
@@ -210,21 +217,27 @@ def _load_controls(task: Task) -> list[np.ndarray]:
     return out
 
 
+def _place(task: Task) -> tuple[np.ndarray, tuple[int, int]] | str:
+    """(the target image as the VAE gets it ([H, W, 3] uint8), its crop (left, top)), or why it cannot be read."""
+    try:
+        return task.selector.place(read_rgb(task.item.image), task.bucket, task.item.key)
+    except ImageReadError as exc:
+        return exc.reason
+
+
 def _load_for_bucket(task: Task) -> tuple[Task, np.ndarray | str]:
     """The target image as the VAE gets it ([H, W, 3] uint8), or why it cannot be read."""
-    try:
-        return task, resize_to_bucket(read_rgb(task.item.image), task.bucket)
-    except ImageReadError as exc:
-        return task, exc.reason
+    placed = _place(task)
+    return task, placed if isinstance(placed, str) else placed[0]
 
 
 def _load(task: Task) -> tuple[Task, Loaded | str]:
     """The target and its control images as the VAE gets them, or why one cannot be read."""
-    task, target = _load_for_bucket(task)
+    target = _place(task)
     if isinstance(target, str):
         return task, target
     try:
-        return task, Loaded(target, _load_controls(task))
+        return task, Loaded(target[0], _load_controls(task), target[1])
     except _Refused as exc:
         return task, exc.reason
 
@@ -278,8 +291,16 @@ def _encode_and_write(codec, loaded: list[tuple[Task, Loaded | str]], family: Fa
         provenance = {**task.expected, "source": source_identity(task.item.image)}
         if task.controls:
             provenance["control_sources"] = [source_identity(c) for c in task.controls]
-        save_latent_cache(task.path, _as_cached(latent), family.architecture, task.size, provenance, controls)
+        save_latent_cache(task.path, _as_cached(latent), family.architecture, task.size, provenance, controls,
+                          _geometry(task, result) if task.selector.records_geometry else {})
         summary.cached += 1
+
+
+def _geometry(task: Task, result: Loaded) -> dict[str, torch.Tensor]:
+    """What the image was before its bucket (SDXL's micro-conditioning): original (height, width) and the crop's
+    (top, left) in the resized image, height first as SDXL's time ids read them."""
+    return {"original_size": torch.tensor([task.size[1], task.size[0]], dtype=torch.int64),
+            "crop_top_left": torch.tensor([result.crop[1], result.crop[0]], dtype=torch.int64)}
 
 
 def _to_unit(array: np.ndarray) -> torch.Tensor:
@@ -297,7 +318,7 @@ def _text_tasks(datasets: list[Dataset], family: Family, te_id: str, summary: Ca
         _sweep_temp_files(ds.cache_directory)
         items, _ = collect_items(ds)
         plan = _dataset_plan(ds, items, family, summary)
-        selector = BucketSelector(ds.resolution, ds.enable_bucket, ds.bucket_no_upscale, family.size_step)
+        selector = bucket_selector(ds, family.size_step)
         for item in items:
             try:
                 if item.caption is None:
@@ -308,9 +329,41 @@ def _text_tasks(datasets: list[Dataset], family: Family, te_id: str, summary: Ca
                 protected[ds.cache_directory].add(item.key)
                 continue
             path = text_cache_path(ds.cache_directory, item.key, family.cache_arch)
-            expected = {"caption": item.caption, "model": te_id, "recipe": recipe, **_control_record(ds, sizes, family)}
+            expected = {"caption": item.caption, "model": te_id, "recipe": recipe, **_control_record(ds, sizes, family),
+                        **_variant_record(ds, item, family)}
             tasks.append(Task(ds, item, path, expected, controls=controls, control_sizes=sizes))
     return tasks
+
+
+def _variant_record(ds: Dataset, item: Item, family: Family) -> dict:
+    """What an item's prompt variants are drawn from (none with prompt_variants = 1: the plain cache's record)."""
+    if ds.prompt_variants == 1:
+        return {}
+    if not family.prompt_recipe:
+        raise ConfigError(f"{ds.name}: prompt_variants = {ds.prompt_variants}: the {family.name} model has no prompt "
+                          "recipe to draw variants with; set prompt_variants = 1 (the caption as is).")
+    return {"prompt_variants": {"count": ds.prompt_variants, "seed": VARIANT_SEED, "recipe": family.prompt_recipe,
+                                "tags": item.tags, "score": item.score}}
+
+
+def _encode_variants(encoder, task: Task, family: Family, summary: CacheSummary) -> None:
+    """One item's K prompts from the family's recipe, in one cache file: variant k's tensors under
+    variant_name(name, k); the prompts themselves go into the provenance, for reading back."""
+    try:
+        variants = family.prompt_variants(task.item, task.dataset.prompt_variants, VARIANT_SEED, encoder)
+    except ConfigError as exc:  # e.g. an item without the recipe's columns: that item fails, the rest are cached
+        summary.failed.append((task.item.image, str(exc)))
+        return
+    conds = encoder.encode(variants.prompts, **variants.encode_options)
+    tensors = {variant_name(name, k): t for k, cond in enumerate(conds) for name, t in _cache_tensors(family, cond).items()}
+    save_text_cache(task.path, tensors, family.architecture, task.item.caption,
+                    {**task.expected, "prompts": variants.prompts})
+    summary.cached += 1
+
+
+def _cache_tensors(family: Family, cond) -> dict[str, torch.Tensor]:
+    return {name: torch.nan_to_num(t.float()).to(CACHE_DTYPE) if t.is_floating_point() else t
+            for name, t in family.text_cache_tensors(cond).items()}
 
 
 def _text_controls(ds: Dataset, item: Item, plan: ControlPlan, selector: BucketSelector, step: int):
@@ -328,6 +381,9 @@ def _text_controls(ds: Dataset, item: Item, plan: ControlPlan, selector: BucketS
 def _encode_text_chunk(encoder, chunk: list[Task], family: Family, summary: CacheSummary) -> None:
     ready, images = [], []
     for task in chunk:
+        if task.dataset.prompt_variants > 1:
+            _encode_variants(encoder, task, family, summary)
+            continue
         try:
             images.append([Image.fromarray(a) for a in _load_controls(task)])
             ready.append(task)
@@ -338,8 +394,7 @@ def _encode_text_chunk(encoder, chunk: list[Task], family: Family, summary: Cach
     captions = [t.item.caption for t in ready]
     conds = encoder.encode(captions, images=images) if family.max_controls else encoder.encode(captions)
     for task, cond in zip(ready, conds):
-        tensors = {name: torch.nan_to_num(t.float()).to(CACHE_DTYPE) if t.is_floating_point() else t
-                   for name, t in family.text_cache_tensors(cond).items()}
+        tensors = _cache_tensors(family, cond)
         provenance = dict(task.expected)
         if task.controls:
             provenance["control_sources"] = [source_identity(c) for c in task.controls]

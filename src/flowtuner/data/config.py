@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from flowtuner.config.fields import opt
+from flowtuner.data.buckets import BUCKET_RULES, CROPS, MUSUBI_RULE
 from flowtuner.errors import ConfigError
 
 try:
@@ -34,6 +35,13 @@ class GeneralSettings:
     num_repeats: int = opt(1, "times each item appears per epoch")
     enable_bucket: bool = opt(False, "aspect-ratio buckets of equal area; otherwise every image is cropped to resolution")
     bucket_no_upscale: bool = opt(False, "with buckets: images smaller than the bucket area keep their size (floored to the step)")
+    bucket_rule: str = opt("musubi", "flowtuner only: 'musubi' (musubi-tuner's buckets from resolution / enable_bucket) or "
+                                     "'bigasp' (the bigASP SDXL recipe's fixed 31 buckets; resolution is not used)")
+    bucket_crop: str = opt("center", "flowtuner only, fixed-list rules: 'center' or 'random' (one random crop per item, "
+                                     "recorded in its latent cache)")
+    prompt_variants: int = opt(1, "flowtuner only: prompts cache-text writes per item, drawn by the model's prompt recipe "
+                                  "(SDXL: bigASP's, from JSONL caption / tags / score); training picks one per epoch; "
+                                  "1 = the caption as is")
 
 
 @dataclass
@@ -80,6 +88,9 @@ class Dataset:
     control_directory: Path | None
     control_resolution: tuple[int, int] | None
     no_resize_control: bool
+    bucket_rule: str = "musubi"
+    bucket_crop: str = "center"
+    prompt_variants: int = 1
 
     @property
     def name(self) -> str:
@@ -214,9 +225,10 @@ def _resolve_entry(i: int, entry: Any, general: dict, fallbacks: dict, defaults:
     if control is not None and not control.is_dir():
         raise ConfigError(f"{_where(file, section)}: control_directory {control} does not exist"
                           f"{_missing_path_hint(value['control_directory'], file)}.")
-    for key in ("batch_size", "num_repeats"):
+    for key in ("batch_size", "num_repeats", "prompt_variants"):
         if value[key] < 1:
             raise ConfigError(f"{_where(file, section)}: '{key}' must be >= 1, got {value[key]}.")
+    _check_bucket_rule(value, file, section)
     ctrl_res = value["control_resolution"]
     return Dataset(
         index=i, resolution=_resolution(value["resolution"], file, section, "resolution"),
@@ -224,8 +236,20 @@ def _resolve_entry(i: int, entry: Any, general: dict, fallbacks: dict, defaults:
         num_repeats=value["num_repeats"], enable_bucket=value["enable_bucket"], bucket_no_upscale=value["bucket_no_upscale"],
         image_directory=image_dir, image_jsonl_file=jsonl, cache_directory=cache, control_directory=control,
         control_resolution=None if ctrl_res is None else _resolution(ctrl_res, file, section, "control_resolution"),
-        no_resize_control=value["no_resize_control"],
+        no_resize_control=value["no_resize_control"], bucket_rule=value["bucket_rule"], bucket_crop=value["bucket_crop"],
+        prompt_variants=value["prompt_variants"],
     )
+
+
+def _check_bucket_rule(value: dict, file: Path, section: str) -> None:
+    rules = [MUSUBI_RULE, *BUCKET_RULES]
+    if value["bucket_rule"] not in rules:
+        raise ConfigError(f"{_where(file, section)}: bucket_rule {value['bucket_rule']!r}: choose one of {', '.join(rules)}.")
+    if value["bucket_crop"] not in CROPS:
+        raise ConfigError(f"{_where(file, section)}: bucket_crop {value['bucket_crop']!r}: choose one of {', '.join(CROPS)}.")
+    if value["bucket_rule"] == MUSUBI_RULE and value["bucket_crop"] != "center":
+        raise ConfigError(f"{_where(file, section)}: bucket_crop {value['bucket_crop']!r} needs a fixed-list bucket_rule "
+                          "(e.g. 'bigasp'); musubi-tuner's rule always centre-crops.")
 
 
 def _check_unique_caches(datasets: list[Dataset], file: Path) -> None:

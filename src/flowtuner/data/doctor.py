@@ -11,7 +11,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from flowtuner.data.buckets import BucketSelector, resize_to_bucket, upscale_factor
+from flowtuner.data.buckets import bucket_selector, resize_to_bucket, upscale_factor
 from flowtuner.data.config import Dataset
 from flowtuner.data.controls import ControlPlan, control_size, decode_control, plan_controls
 from flowtuner.data.images import ORIENTATIONS, ImageReadError, decode, read_rgb
@@ -97,7 +97,7 @@ def check_dataset(ds: Dataset, size_step: int, estimate_cache, num_workers: int 
     plan = plan_controls(items, max_controls)
     where = ds.control_directory or ds.image_jsonl_file or ds.image_directory
     problems += [Problem("warning", where, w) for w in plan.warnings]
-    selector = BucketSelector(ds.resolution, ds.enable_bucket, ds.bucket_no_upscale, size_step)
+    selector = bucket_selector(ds, size_step)
     seen: dict[str, Path] = {}
     with ThreadPoolExecutor(max(1, num_workers)) as pool:
         work = pool.map(lambda it: _inspect(it, [c for c in plan.controls.get(it.key, []) if c.exists()]), items)

@@ -7,6 +7,7 @@ batches an uninterrupted run would have seen, whatever the number of worker proc
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 from collections import defaultdict
@@ -17,9 +18,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset as TorchDataset, Sampler
 
-from flowtuner.data.buckets import BucketSelector
-from flowtuner.data.cache import CONTROL_PREFIX, tensor_name, text_cache_path
+from flowtuner.data.buckets import bucket_selector
+from flowtuner.data.cache import CONTROL_PREFIX, split_variant, tensor_name, text_cache_path
 from flowtuner.data.config import Dataset
+from flowtuner.data.distributed import Shard
 from flowtuner.errors import FlowtunerError
 from flowtuner.families.base import Family
 from flowtuner.weights.reader import open_checkpoint
@@ -40,13 +42,14 @@ class CachedItem:
     bucket: tuple[int, int]  # (W, H) in pixels
     dataset: int
     controls: tuple[str, ...] = ()  # control latents' names with shapes (latents_control_0_1x8x8, ...), sorted
+    group: tuple[tuple[int, ...], ...] = ()  # shapes of the family's batch_group_tensors in the text cache
 
 
 def scan_caches(datasets: list[Dataset], family: Family) -> list[CachedItem]:
     """Every (latent, text) cache pair of the datasets, checked against the current bucket config."""
     items, missing_text = [], []
     for ds in datasets:
-        selector = BucketSelector(ds.resolution, ds.enable_bucket, ds.bucket_no_upscale, family.size_step)
+        selector = bucket_selector(ds, family.size_step)
         seen: dict[str, Path] = {}
         for latent in sorted(ds.cache_directory.glob(f"*_{family.cache_arch}.safetensors")):
             m = LATENT_NAME.match(latent.name)
@@ -70,7 +73,7 @@ def scan_caches(datasets: list[Dataset], family: Family) -> list[CachedItem]:
                     f"{latent}: cached at {w}x{h}, but the dataset config now puts this image in bucket "
                     f"{bucket[0]}x{bucket[1]}; re-run cache-latents (it recomputes stale caches)."
                 )
-            items.append(CachedItem(m["key"], latent, text, bucket, ds.index, controls))
+            items.append(CachedItem(m["key"], latent, text, bucket, ds.index, controls, _group(text, family)))
     if missing_text:  # cache-text reported why (e.g. a missing caption); train on the rest
         log.warning("%d latent caches have no text cache and are left out (e.g. %s); run cache-text.",
                     len(missing_text), missing_text[0])
@@ -79,17 +82,36 @@ def scan_caches(datasets: list[Dataset], family: Family) -> list[CachedItem]:
     return items
 
 
+def _group(text: Path, family: Family) -> tuple[tuple[int, ...], ...]:
+    """The shapes of the text cache's tensors that a batch must agree on (the family's batch_group_tensors; the
+    header alone is read)."""
+    if not family.batch_group_tensors:
+        return ()
+    ckpt = open_checkpoint(text)
+    shapes = {tensor_name(k): tuple(ckpt.shape(k)) for k in ckpt.keys()}
+    missing = [n for n in family.batch_group_tensors if n not in shapes]
+    if missing:
+        raise CacheError(f"{text}: no {missing[0]}_* tensor; it was cached for another model: re-run cache-text.")
+    for name, shape in shapes.items():  # any prompt variant may be the one trained: all must share the group
+        k, base = split_variant(name)
+        if k and base in family.batch_group_tensors and shape != shapes[base]:
+            raise CacheError(f"{text}: prompt variant {k}'s {base} is {list(shape)}, variant 0's {list(shapes[base])}; "
+                             "they must match (one batch group per item): re-run cache-text.")
+    return tuple(shapes[n] for n in family.batch_group_tensors)
+
+
 class BatchPlan:
-    """Which items form which batch, per epoch: shuffled within (dataset, bucket, control latents), then batch
-    order shuffled. Items without controls group by (dataset, bucket) alone, so a text-to-image plan is what it
-    was before edit models (the same groups in the same order: resumed runs see the same batches)."""
+    """Which items form which batch, per epoch: shuffled within (dataset, bucket, text-cache shapes the family
+    groups by, control latents), then batch order shuffled. Items without either group by (dataset, bucket)
+    alone, so a text-to-image plan is what it was before edit models and grouping families (the same groups in
+    the same order: resumed runs see the same batches)."""
 
     def __init__(self, items: list[CachedItem], datasets: list[Dataset], seed: int):
         self.seed = seed
         by_index = {ds.index: ds for ds in datasets}
         self.groups: dict[tuple, list[int]] = defaultdict(list)
         for i, item in enumerate(items):
-            self.groups[(item.dataset, item.bucket, *item.controls)].extend([i] * by_index[item.dataset].num_repeats)
+            self.groups[(item.dataset, item.bucket, *item.group, *item.controls)].extend([i] * by_index[item.dataset].num_repeats)
         self.batch_sizes = {ds.index: ds.batch_size for ds in datasets}
 
     def epoch(self, epoch: int) -> list[list[int]]:
@@ -98,24 +120,53 @@ class BatchPlan:
         for key, members in sorted(self.groups.items()):
             order = rng.permutation(members).tolist()
             size = self.batch_sizes[key[0]]
-            batches += [order[i : i + size] for i in range(0, len(order), size)]
+            batches += [PlannedBatch(order[i : i + size], self.seed, epoch) for i in range(0, len(order), size)]
         return [batches[i] for i in rng.permutation(len(batches))]
 
     def __len__(self) -> int:
         return sum(-(-len(m) // self.batch_sizes[key[0]]) for key, m in self.groups.items())
 
 
-class PlanSampler(Sampler):
-    """The batches of one epoch, from batch `start` on."""
+class PlannedBatch(list):
+    """A batch's item indices, with the (seed, epoch) it was planned for: what picks each item's prompt variant."""
 
-    def __init__(self, plan: BatchPlan, epoch: int, start: int = 0):
-        self.plan, self.epoch, self.start = plan, epoch, start
+    def __init__(self, indices, seed: int = 0, epoch: int = 0):
+        super().__init__(indices)
+        self.seed, self.epoch = seed, epoch
+
+
+def variant_choice(seed: int, epoch: int, key: str, count: int) -> int:
+    """Which of an item's `count` prompt variants epoch `epoch` of a run seeded `seed` trains: a pure function of
+    the four (the same in a resumed run, with any number of workers or processes), uniform over the variants."""
+    if count == 1:
+        return 0
+    digest = hashlib.sha256(f"variant|{seed}|{epoch}|{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") % count
+
+
+def _variant_keys(keys: list[str], seed: int, epoch: int, key: str) -> tuple[int, dict[str, str]]:
+    """(the chosen variant, {cache key: the key's name for the family}) of a text cache's keys."""
+    by_variant: dict[int, dict[str, str]] = defaultdict(dict)
+    for k in keys:
+        variant, base = split_variant(k)
+        by_variant[variant][k] = base
+    chosen = variant_choice(seed, epoch, key, max(by_variant) + 1 if by_variant else 1)
+    return chosen, by_variant.get(chosen, {})
+
+
+class PlanSampler(Sampler):
+    """The batches of one epoch from global batch `start` on that this process trains (all of them in a
+    single process; data/distributed.py deals them to several)."""
+
+    def __init__(self, plan: BatchPlan, epoch: int, start: int = 0, shard: Shard = Shard()):
+        self.plan, self.epoch, self.start, self.shard = plan, epoch, start, shard
 
     def __iter__(self):
-        return iter(self.plan.epoch(self.epoch)[self.start :])
+        batches = self.plan.epoch(self.epoch)
+        return iter([batches[i] for i in self.shard.deal(len(batches), self.start)])
 
     def __len__(self) -> int:
-        return len(self.plan) - self.start
+        return len(self.shard.deal(len(self.plan), self.start))
 
 
 def _only(path: Path, prefix: str):
@@ -134,6 +185,17 @@ def _named(ckpt, keys, path: Path, required: tuple[str, ...] = ()) -> dict[str, 
         raise CacheError(f"{path}: no {missing[0]}_* tensor (found: {', '.join(sorted(tensors)) or 'none'}); "
                          "it was cached for another model or by another tool: re-run the caching command.")
     return tensors
+
+
+def _named_variant(tensors: dict[str, torch.Tensor], path: Path, variant: int, required: tuple[str, ...]) -> dict:
+    """A text cache's tensors of one prompt variant by name without the dtype suffix; a missing name is a cache error."""
+    out = {tensor_name(k): t for k, t in tensors.items()}
+    missing = [n for n in required if n not in out]
+    if missing:
+        where = f" of prompt variant {variant}" if variant else ""
+        raise CacheError(f"{path}: no {missing[0]}_* tensor{where} (found: {', '.join(sorted(out)) or 'none'}); "
+                         "it was cached for another model or by another tool: re-run the caching command.")
+    return out
 
 
 class CacheDataset(TorchDataset):
@@ -159,9 +221,12 @@ class CacheDataset(TorchDataset):
             ckpt.read(key, out=latents[i])
             extras.append(_named(ckpt, [k for k in ckpt.keys() if k != key], ckpt.path))
         text = []
+        seed, epoch = getattr(batch, "seed", 0), getattr(batch, "epoch", 0)  # a plain list: variant of (0, 0)
         for it in chosen:
             ckpt = open_checkpoint(it.text)
-            text.append(_named(ckpt, ckpt.keys(), it.text, self.family.text_cache_names))
+            variant, keys = _variant_keys(list(ckpt.keys()), seed, epoch, it.key)
+            named = {base: ckpt.read(k) for k, base in keys.items()}
+            text.append(_named_variant(named, it.text, variant, self.family.text_cache_names))
         cond = self.family.cached_conditioning(text, extras)
         return {"latents": latents, "cond": cond, "keys": [it.key for it in chosen]}
 
@@ -202,10 +267,10 @@ def _take(iterator, n: int) -> list:
 
 
 def make_loader(dataset: CacheDataset, plan: BatchPlan, epoch: int, start: int = 0, num_workers: int = 0,
-                processes: bool = False):
-    """An iterable of the batches of `epoch` from batch `start` on. `num_workers` reader threads
-    (0: read in the caller), or with `processes=True` a torch DataLoader with worker processes."""
-    sampler = PlanSampler(plan, epoch, start)
+                processes: bool = False, shard: Shard = Shard()):
+    """An iterable of the batches of `epoch` from global batch `start` on that `shard` trains. `num_workers`
+    reader threads (0: read in the caller), or with `processes=True` a torch DataLoader with worker processes."""
+    sampler = PlanSampler(plan, epoch, start, shard)
     if processes and num_workers:
         return DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=num_workers, prefetch_factor=4)
     if num_workers:

@@ -22,6 +22,9 @@ class Item:
     image: Path
     caption: str | None
     controls: list[Path] = field(default_factory=list)
+    # optional JSONL columns a prompt recipe reads (families/sdxl/prompts.py): comma-separated tags, a 0..10 score
+    tags: str | None = None
+    score: int | None = None
 
 
 @dataclass
@@ -111,8 +114,32 @@ def _from_jsonl(ds: Dataset, problems: list[Problem]) -> list[Item]:
         control_keys = sorted((k for k in entry if re.fullmatch(r"control_path(_\d+)?", k)),
                               key=lambda k: (k != "control_path", int(k.rsplit("_", 1)[1]) if k[-1].isdigit() else 0))
         controls = [_jsonl_path(entry[k], ds.image_jsonl_file) for k in control_keys]
-        items.append(Item(image.stem, image, caption.strip() if caption else None, controls))
+        where = f"{ds.image_jsonl_file.name}:{number}"
+        items.append(Item(image.stem, image, caption.strip() if caption else None, controls,
+                          _tags(entry, image, where, problems), _score(entry, image, where, problems)))
     return items
+
+
+def _tags(entry: dict, image: Path, where: str, problems: list[Problem]) -> str | None:
+    """'tags': a comma-separated string or a list of strings; None when the column is absent."""
+    tags = entry.get("tags")
+    if tags is None or isinstance(tags, str):
+        return tags.strip() if tags else tags
+    if isinstance(tags, list) and all(isinstance(t, str) for t in tags):
+        return ", ".join(t.strip() for t in tags if t.strip())
+    problems.append(Problem("error", image, f"'tags' must be a comma-separated string or a list of strings ({where})"))
+    return None
+
+
+def _score(entry: dict, image: Path, where: str, problems: list[Problem]) -> int | None:
+    """'score': an integer 0..10 (the bigASP recipe's quality score); None when the column is absent."""
+    score = entry.get("score")
+    if score is None:
+        return None
+    if isinstance(score, bool) or not isinstance(score, (int, float)) or score != int(score) or not 0 <= score <= 10:
+        problems.append(Problem("error", image, f"'score' {score!r} must be an integer from 0 to 10 ({where})"))
+        return None
+    return int(score)
 
 
 def collect_items(ds: Dataset) -> tuple[list[Item], list[Problem]]:

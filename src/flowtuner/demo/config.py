@@ -21,11 +21,29 @@ class DemoConfig:
     samples_per_prompt: int = opt(4, "images per prompt (12 prompts: every colour and shape)")
     edit: bool = opt(False, "learn an edit instead (Qwen-Image-Edit-2509 architecture): \"make the <shape> <colour>\" on a "
                             "control image of the shape in another colour; scored by the colour the shape takes")
+    family: str = opt("qwen_image", "model family: qwen_image (the tiny Qwen-Image above) or sdxl (a tiny SDXL trained "
+                                    "as an eps-prediction model, then converted into a flow model: the bigASP v2.5 recipe)",
+                      choices=("qwen_image", "sdxl"))
+    eps_steps: int = opt(600, "--family sdxl: steps of the eps-prediction stage before the conversion (--train_steps are "
+                              "the conversion's)")
+    flow_shift: float = opt(3.0, "--family sdxl: SD3 shift of the flow model's sampling schedule (--preset bigasp's "
+                                 "euler / normal; the preset's own shift is 6)")
+    tokenizer: str | None = opt(help="--family sdxl: a folder with the real CLIP tokenizer (vocab.json, merges.txt); "
+                                     "default: the demo builds a CLIP-format vocabulary of its own words")
     device: str = opt("cpu", "device for caching, training and sampling, e.g. cuda; the tiny VAE is always trained "
                              "on the CPU")
 
     def check(self) -> None:
-        for name in ("vae_steps", "train_steps", "batch_size", "sample_steps", "samples_per_prompt"):
+        if self.family != "sdxl":
+            given = [n for n, v in (("eps_steps", self.eps_steps != 600), ("flow_shift", self.flow_shift != 3.0),
+                                    ("tokenizer", self.tokenizer)) if v]
+            if given:
+                raise ConfigError(f"--{given[0]}: applies to --family sdxl only.")
+        elif self.edit:
+            raise ConfigError("--edit: the edit demo is Qwen-Image-Edit's; drop --edit or --family sdxl.")
+        if self.flow_shift <= 0:
+            raise ConfigError(f"--flow_shift {self.flow_shift}: must be positive.")
+        for name in ("vae_steps", "train_steps", "eps_steps", "batch_size", "sample_steps", "samples_per_prompt"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} {getattr(self, name)}: must be at least 1.")
         if self.learning_rate <= 0:

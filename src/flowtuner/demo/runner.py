@@ -96,10 +96,14 @@ def _prompted(prompt: str, edit: bool) -> tuple[str, str]:
 
 def run_demo(cfg: DemoConfig) -> dict:
     cfg.check()
-    clock = Stopwatch()
     out = Path(cfg.output_dir)
     if out.exists():
         shutil.rmtree(out)
+    if cfg.family == "sdxl":
+        from flowtuner.demo.sdxl import run_sdxl_demo
+
+        return run_sdxl_demo(cfg)
+    clock = Stopwatch()
     images, controls = out / "dataset", out / "controls"
     if cfg.edit:
         captions = clock.run("dataset", write_edit_dataset, images, controls, SIZE, EDIT_PER_COMBINATION, cfg.seed)

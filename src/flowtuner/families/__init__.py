@@ -29,6 +29,7 @@ FAMILIES: dict[str, Callable[[], Family]] = {
     "qwen_image_edit": _lazy(_EDIT, "QwenImageEditFamily", "edit"),
     "qwen_image_edit_2509": _lazy(_EDIT, "QwenImageEditFamily", "edit-2509"),
     "qwen_image_edit_2511": _lazy(_EDIT, "QwenImageEditFamily", "edit-2511"),
+    "sdxl": _lazy("flowtuner.families.sdxl.family", "SDXLFamily"),
 }
 
 
@@ -49,13 +50,14 @@ VERSIONS: dict[str, Version] = {
     "edit-2509": Version("Qwen-Image-Edit-2509", "qwen_image_edit_2509"),
     "edit-2511": Version("Qwen-Image-Edit-2511", "qwen_image_edit_2511"),
     "layered": Version("Qwen-Image-Layered"),
+    "sdxl": Version("SDXL", "sdxl"),
 }
 #: the version a command runs when neither a flag nor the files say
 DEFAULT_VERSION = "original"
 
 # modules with `detect(dit, model) -> (version or None, evidence)` and `name_hint(dit) -> version or None`: what
 # model files say about the member they are (importable without torch)
-DETECTORS: list[str] = ["flowtuner.families.qwen_image.detect"]
+DETECTORS: list[str] = ["flowtuner.families.qwen_image.detect", "flowtuner.families.sdxl.detect"]
 
 
 def get_family(name: str) -> Family:
@@ -80,9 +82,28 @@ def name_hints(dit: str | None) -> set[str]:
 
 def family_for(cfg) -> Family:
     """The family a parsed command configuration selects: its --model_version / --edit / --edit_plus, resolved
-    by musubi-tuner's rule (a version without a family here is a one-line "not available yet" error)."""
+    by musubi-tuner's rule (a version without a family here is a one-line "not available yet" error), with the
+    prediction type it runs (--prediction_type, else the family's: its training objective for a training command,
+    what a plain checkpoint predicts otherwise)."""
     from flowtuner.config.models import resolve_model_version
 
-    family = get_family(VERSIONS[resolve_model_version(cfg)].family)
+    version = resolve_model_version(cfg)
+    family = get_family(VERSIONS[version].family)
+    family.prediction_type = prediction_type(cfg, family, VERSIONS[version].model)
     family.configure(cfg)
     return family
+
+
+def prediction_type(cfg, family: Family, model: str) -> str:
+    given = getattr(cfg, "prediction_type", None)
+    if getattr(cfg, "v_parameterization", False):
+        if given not in (None, "v"):
+            raise ConfigError(f"--v_parameterization means --prediction_type v; drop one of them (--prediction_type {given}).")
+        given = "v"
+    chosen = given or (family.train_prediction_type if getattr(cfg, "trains", False) else family.prediction_types[0])
+    if chosen not in family.prediction_types:
+        raise ConfigError(f"--prediction_type {chosen}: {model} runs {', '.join(family.prediction_types)} only.")
+    if getattr(cfg, "zero_terminal_snr", False) and chosen == "flow":
+        raise ConfigError("--zero_terminal_snr rescales the DDPM table of eps / v prediction; a flow model has none "
+                          "(drop it, or pass --prediction_type eps / v).")
+    return chosen

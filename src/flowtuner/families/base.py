@@ -71,6 +71,14 @@ class LatentGeometry:
     image_tokens: int  # sequence length the model sees (drives dynamic shift)
 
 
+@dataclass
+class PromptVariants:
+    """An item's training prompts and how to encode them (Family.prompt_variants)."""
+
+    prompts: list[str]
+    encode_options: dict[str, Any] = field(default_factory=dict)
+
+
 class TextEncoder(ABC):
     @abstractmethod
     def encode(self, prompts: list[str], images: list[list[Any]] | None = None, sizes: list[list] | None = None) -> list[Conditioning]:
@@ -109,9 +117,23 @@ class Denoiser(ABC):
     def from_latents(self, latents: torch.Tensor) -> tuple[torch.Tensor, LatentGeometry]:
         """Cached latents (the VAE's layout) -> (sampler state, geometry): the training input."""
 
+    def swap_blocks(self) -> torch.nn.ModuleList:
+        """The ModuleList whose blocks --blocks_to_swap streams (weights/block_swap.py)."""
+        raise ConfigError(f"--blocks_to_swap: {type(self).__name__} has no block list to swap; run without it.")
+
     def perturbed_attention(self, blocks: str) -> AbstractContextManager:
         """A context in which `predict` runs with identity self-attention in `blocks` (PAG)."""
         raise ConfigError(f"--guidance pag: {type(self).__name__} has no perturbed-attention pass.")
+
+    def record_self_attention(self) -> AbstractContextManager:
+        """A context yielding a list into which `predict` puts the self-attention probabilities it records (SAG)."""
+        raise ConfigError(f"--guidance sag: reads a UNet's middle-block self-attention; {type(self).__name__} has no "
+                          "UNet. Drop it for this model (pag gives structure guidance on any family).")
+
+    def model_patch(self, name: str, params: dict) -> AbstractContextManager:
+        """A context in which `predict` runs with the model patch `name` (a `--guidance` method of stage "model")."""
+        raise ConfigError(f"--guidance {name}: a UNet patch (it rescales UNet output-block features); "
+                          f"{type(self).__name__} has no UNet. Drop it for this model.")
 
 
 class ImageCodec(ABC):
@@ -158,8 +180,17 @@ class Family(ABC):
 
     #: control images one item / prompt may have (edit models); 0: the family takes none
     max_controls: int = 0
+    #: what its models can predict (--prediction_type: flow, eps, v; train/objective.py), the first being what a
+    #: plain checkpoint predicts (generation's default), and what training trains when the flag is absent
+    prediction_types: tuple[str, ...] = ("flow",)
+    train_prediction_type: str = "flow"
+    #: the prediction type this command runs (set by families.family_for from --prediction_type or the defaults)
+    prediction_type: str = "flow"
     #: tensors every text cache of this family holds (names without musubi-tuner's dtype suffix)
     text_cache_names: tuple[str, ...]
+    #: text-cache tensors whose shapes a batch must share (data/loader.py groups batches by them too): e.g. SDXL's
+    #: prompt embeddings, 77 x chunks long with no mask; () = batches group by dataset and bucket only
+    batch_group_tensors: tuple[str, ...] = ()
 
     @abstractmethod
     def text_cache_tensors(self, cond: Conditioning) -> dict[str, torch.Tensor]:
@@ -171,6 +202,18 @@ class Family(ABC):
         """A batch's cached tensors -> the Conditioning `predict` takes: per item, its text cache's tensors and
         the tensors of its latent cache other than the latents themselves (e.g. an edit model's reference
         latents), both by name without the dtype suffix. Runs in the data loader (CPU)."""
+
+    #: identifies the prompt recipe of `prompt_variants` (part of a variant text cache's provenance); "" = none
+    prompt_recipe: str = ""
+
+    def prompt_variants(self, item, count: int, seed: int, encoder: TextEncoder) -> PromptVariants:
+        """`count` training prompts of a dataset item (data.sources.Item) for cache-text, variant k a pure function
+        of (seed, k, item), with the keywords `encoder.encode` takes for them (e.g. the item's chunk count). A family
+        without a prompt recipe has the caption as its only variant."""
+        if count != 1:
+            raise ConfigError(f"prompt_variants = {count}: the {self.name} model has no prompt recipe to draw variants "
+                              "with; set prompt_variants = 1 (the caption as is).")
+        return PromptVariants([item.caption])
 
     def check_controls(self, count: int) -> None:
         """A one-line error when a prompt's number of control images does not suit the model."""
@@ -208,6 +251,22 @@ class Family(ABC):
     def lora_default_targets(self, module: torch.nn.Module) -> list[str]:
         """Module paths a LoRA trains when no include/exclude pattern is given."""
 
+    #: whether its LoRA files may hold text-encoder modules, merged by `merge_text_lora` (SDXL's lora_te1_ / lora_te2_)
+    text_loras: bool = False
+
+    def full_state(self, module: torch.nn.Module, cfg) -> dict[str, torch.Tensor]:
+        """What `flowtuner finetune` saves of the trained denoiser `module` (cfg: the run's config): its state dict
+        by default; a family whose users load whole checkpoints returns that file's tensors."""
+        return module.state_dict()
+
+    def lora_parts(self, weights: dict) -> tuple[dict, dict]:
+        """(the denoiser's modules, the text encoder's modules) of a LoRA file's {module path: LoRAWeights}."""
+        return weights, {}
+
+    def merge_text_lora(self, encoder: TextEncoder, weights: dict, multiplier: float, source: str) -> None:
+        """Merge a LoRA's text-encoder modules (the second part of `lora_parts`) into `encoder`'s weights."""
+        raise ConfigError(f"{source}: it has text-encoder LoRA modules; {self.name} LoRAs apply to the denoiser only.")
+
     @abstractmethod
     def cache_size_estimate(self, bucket: tuple[int, int], caption: str) -> tuple[int, int]:
         """(latent cache bytes, text cache bytes) for one item, before any model is loaded."""
@@ -231,6 +290,10 @@ class Family(ABC):
 
     @abstractmethod
     def load_codec(self, paths: ModelPaths, device: torch.device) -> ImageCodec: ...
+
+    def split_attention(self, module: torch.nn.Module) -> None:
+        """--split_attn: make the denoiser's attention run per sample over its own unpadded length."""
+        raise ConfigError(f"--split_attn: {self.name} has no per-sample attention; run without it.")
 
     def plan_spec(self, paths: ModelPaths | None):
         """What `flowtuner plan` builds and traces (flowtuner.plan.PlanSpec): from the files' headers in `paths`,

@@ -72,6 +72,15 @@ class DiscreteSampling(SigmaTable):
         log_table = self.table.double().log()
         return ((1 - w) * log_table[low] + w * log_table[high]).exp().to(torch.float32)
 
+    def flow_sigmas(self, sigmas: torch.Tensor) -> torch.Tensor:
+        """VE sigma s -> flow sigma s / (1 + s): x_VE = x0 + s eps is (1 + s) times the flow state at that sigma."""
+        return (sigmas.double() / (1 + sigmas.double())).to(torch.float32)
+
+    def flow_noise_scale(self, sigma: float) -> float:
+        """ComfyUI's (and diffusers') start sqrt(1 + s^2) eps on the VE path, i.e. at unit VP variance, moved to the
+        flow path: sqrt(1 + s^2) / (1 + s) = sqrt((1 - sigma)^2 + sigma^2)."""
+        return math.sqrt((1 - sigma) ** 2 + sigma**2)
+
     def percent_to_sigma(self, percent: float) -> float:
         if percent <= 0:
             return 999999999.9

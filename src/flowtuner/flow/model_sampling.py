@@ -35,6 +35,14 @@ class SigmaTable:
     def percent_to_sigma(self, percent: float) -> float:
         raise NotImplementedError
 
+    def flow_sigmas(self, sigmas: torch.Tensor) -> torch.Tensor:
+        """This table's sigmas as sigmas of the flow path x = (1 - s) x0 + s eps that flowtuner samples on."""
+        return sigmas
+
+    def flow_noise_scale(self, sigma: float) -> float:
+        """The scale of the noise a text-to-image run starts from at flow sigma `sigma` (the first of the schedule)."""
+        return 1.0
+
     @property
     def sigma_min(self) -> float:
         return float(self.table[0])

@@ -13,6 +13,7 @@ functions against both. Formulas: ../shared/reference/guidance-and-sampling.md Â
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -31,15 +32,22 @@ class Step:
     cond: torch.Tensor  # D_c
     uncond: torch.Tensor | None  # D_u (None when the unconditional pass is skipped)
     perturbed: Callable[[str], torch.Tensor] | None = None  # blocks -> D_c with perturbed attention there
+    # methods with `reads_attention`: the unconditional pass's self-attention probabilities [B x heads, HW, HW] at the
+    # denoiser's recording site, and the model rerun with the unconditional conditioning: x (grid) -> D (grid)
+    uncond_attention: torch.Tensor | None = None
+    uncond_model: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 @dataclass
 class Method:
-    stage: str  # "pre", "cfg", "post", or "mask" (a denoise-mask function for inpainting)
+    stage: str  # "pre", "cfg", "post", "mask" (a denoise-mask function for inpainting) or "model" (a model patch)
     fn: Callable
     defaults: dict
     help: str
     state: dict = field(default_factory=dict)
+    needs_uncond: bool = False  # runs the unconditional pass at any CFG scale (ComfyUI's disable_cfg1_optimization)
+    reads_attention: bool = False  # records the unconditional pass's self-attention (the denoiser's recording site)
+    check: Callable[[dict], None] | None = None  # validates the parsed options (a ConfigError names the bad one)
 
 
 def _norm(t: torch.Tensor, dims) -> torch.Tensor:
@@ -162,6 +170,73 @@ def pag(s: Step, d: torch.Tensor, p: dict, state: dict) -> torch.Tensor:
     return d + p["scale"] * (s.cond - s.perturbed(p["blocks"]))
 
 
+def sag(s: Step, d: torch.Tensor, p: dict, state: dict) -> torch.Tensor:
+    """Self-attention guidance: D_u blurred where the unconditional pass's self-attention concentrates, renoised to x
+    and denoised again (one extra forward); D + scale (degraded - D_sag). Latents of side <= 4 are returned as
+    they are (the blur's reflect padding needs more)."""
+    if d.dim() != 4:
+        raise ConfigError("--guidance sag works on the 2-D latent grid [B, C, H, W]; drop --guidance_layout comfyui.")
+    if min(d.shape[2:]) <= 4:
+        return d
+    degraded = attention_blurred(s.uncond, s.uncond_attention, p["blur_sigma"])
+    d_sag = s.uncond_model(degraded + s.x - s.uncond)
+    return d + (degraded - d_sag) * p["scale"]
+
+
+SAG_THRESHOLD = 1.0  # ComfyUI's: a key position whose head-averaged attention column sums above 1 gets blurred
+
+
+def attention_mask(probs: torch.Tensor, batch: int, height: int, width: int) -> torch.Tensor:
+    """[B x heads, n, n] attention probabilities -> [B, 1, height, width] 0/1 mask (probs' dtype): the key positions
+    attended more than average (column sum of the head mean > 1), on the attention's own grid, nearest-upsampled."""
+    hw = probs.shape[-1]
+    mask = probs.reshape(batch, -1, probs.shape[-2], hw).mean(1).sum(1) > SAG_THRESHOLD
+    rows = attention_rows(hw, height, width)
+    mask = mask.reshape(batch, rows, hw // rows).unsqueeze(1).to(probs.dtype)
+    return torch.nn.functional.interpolate(mask, (height, width))
+
+
+def attention_rows(tokens: int, height: int, width: int) -> int:
+    """The row count of the attention grid of `tokens` cells under a height x width latent: the divisor of `tokens`
+    nearest round(sqrt(tokens height / width)), searched upward first (ComfyUI's search)."""
+    guess = round(math.sqrt(height / width * tokens))
+    for i in range(math.floor(math.sqrt(tokens) / 2)):
+        for rows in (guess + i, max(1, guess - i)):
+            if tokens % rows == 0:
+                return rows
+    raise ConfigError(f"--guidance sag: the recorded attention ({tokens} positions) does not tile a {height} x {width} latent.")
+
+
+def gaussian_blur(img: torch.Tensor, sigma: float, size: int = 9) -> torch.Tensor:
+    """Depthwise 2-D Gaussian blur, kernel `size` x `size` (outer product of the normalised 1-D exp(-x^2 / 2 sigma^2)
+    at x = -(size-1)/2 .. (size-1)/2), reflect-padded to keep the size."""
+    half = (size - 1) / 2
+    taps = torch.exp(-0.5 * (torch.linspace(-half, half, size) / sigma) ** 2)
+    taps = (taps / taps.sum()).to(img.device, img.dtype)
+    channels = img.shape[-3]
+    kernel = torch.outer(taps, taps).expand(channels, 1, size, size)
+    padded = torch.nn.functional.pad(img, [size // 2] * 4, mode="reflect")
+    return torch.nn.functional.conv2d(padded, kernel, groups=channels)
+
+
+def attention_blurred(d: torch.Tensor, probs: torch.Tensor, sigma: float) -> torch.Tensor:
+    """D blurred under the attention mask, kept elsewhere."""
+    mask = attention_mask(probs, d.shape[0], d.shape[-2], d.shape[-1])
+    return gaussian_blur(d, sigma) * mask + d * (1 - mask)
+
+
+def _check_sag(p: dict) -> None:
+    if not p["blur_sigma"] > 0:  # ComfyUI accepts 0 and divides 0 by 0: every latent NaN
+        raise ConfigError(f"--guidance sag: blur_sigma={p['blur_sigma']:g} must be > 0 (0 blurs with 0/0, NaN images); "
+                          "use e.g. 0.1 for almost no blur.")
+
+
+def model_patch(name: str) -> Callable:
+    """A patch of the model itself (stage "model"): `fn(denoiser, params)` is the context the whole run samples in;
+    the denoiser decides whether it has the blocks (UNet families) or refuses in one line."""
+    return lambda denoiser, params: denoiser.model_patch(name, params)
+
+
 def differential_diffusion(mask: torch.Tensor, sigma_from: float, sigma_to: float, p: dict) -> Callable[[float], torch.Tensor]:
     """DifferentialDiffusion: the soft mask becomes, at each sigma, the region mask >= threshold, the
     threshold falling linearly in sigma from 1 at the first step to 0 at the end (flow models' timestep is
@@ -194,7 +269,16 @@ METHODS: dict[str, Method] = {
     "fresca": Method("pre", fresca, {"scale_low": 1.0, "scale_high": 1.25, "freq_cutoff": 20},
                      "g = D_c - D_u in Fourier space: low frequencies x scale_low, high x scale_high (detail)"),
     "pag": Method("post", pag, {"scale": 3.0, "blocks": "middle"},
-                  "D + scale (D_c - D_pag), D_pag with identity image self-attention in blocks (N, A-B, '+'); +1 forward/step"),
+                  "D + scale (D_c - D_pag), D_pag with identity image self-attention in blocks (Qwen: N, A-B; SDXL: middle, "
+                  "input.ID, output.ID[.INDEX]; '+' joins); +1 forward/step"),
+    "sag": Method("post", sag, {"scale": 0.5, "blur_sigma": 2.0},
+                  "UNet only: D + scale (B - D_sag), B = D_u Gaussian-blurred (9 taps, blur_sigma) where the uncond pass's "
+                  "middle-block self-attention concentrates, D_sag = the uncond pass on B + x - D_u; uncond runs even at "
+                  "CFG 1; +1 forward/step", needs_uncond=True, reads_attention=True, check=_check_sag),
+    "freeu": Method("model", model_patch("freeu"), {"b1": 1.1, "b2": 1.2, "s1": 0.9, "s2": 0.2},
+                    "UNet patch: backbone h x b on half its channels, skip's lowest frequencies x s, at h = 4 / 2 x model channels (b1 s1 / b2 s2)"),
+    "freeu_v2": Method("model", model_patch("freeu_v2"), {"b1": 1.3, "b2": 1.4, "s1": 0.9, "s2": 0.2},
+                       "FreeU with the backbone scale 1 + (b - 1) m, m = its channel mean min-max normalised per image"),
     "differential_diffusion": Method("mask", differential_diffusion, {"strength": 1.0},
                                      "soft --mask: mask >= (sigma - sigma_min)/(sigma_0 - sigma_min) regenerates; region grows as sigma falls"),
 }
@@ -213,19 +297,10 @@ LAYOUTS: dict[str, Callable[[tuple[Callable, Callable]], tuple[Callable, Callabl
 LAYOUT_DIFFERS = ("apg", "fresca", "rescale_cfg")  # the methods whose result depends on the layout
 
 
-UNAVAILABLE = {
-    "sag": "self-attention guidance is a UNet method (it reads the UNet's middle-block attention); it arrives with the SDXL family",
-    "freeu": "FreeU is a UNet method (it scales UNet skip connections); it arrives with the SDXL family",
-    "freeu_v2": "FreeU_V2 is a UNet method (it scales UNet skip connections); it arrives with the SDXL family",
-}
-
-
 def parse_guidance(text: str) -> tuple[str, dict]:
     """'apg:eta=1,norm_threshold=20' -> ('apg', {...defaults, eta: 1.0, norm_threshold: 20.0})."""
     name, _, rest = text.partition(":")
     name = name.strip()
-    if name in UNAVAILABLE:
-        raise ConfigError(f"--guidance {name}: {UNAVAILABLE[name]}.")
     if name not in METHODS:
         raise ConfigError(f"--guidance {name}: unknown; choose one of {', '.join(METHODS)}.")
     params = dict(METHODS[name].defaults)
@@ -237,4 +312,6 @@ def parse_guidance(text: str) -> tuple[str, dict]:
             params[key] = type(params[key])(float(value)) if isinstance(params[key], (int, float)) else value
         except ValueError:
             raise ConfigError(f"--guidance {name}: {key} needs a number, got {value!r}.") from None
+    if METHODS[name].check is not None:
+        METHODS[name].check(params)
     return name, params

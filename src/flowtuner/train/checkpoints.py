@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -11,6 +12,7 @@ from pathlib import Path
 import torch
 
 from flowtuner.errors import ConfigError
+from flowtuner.train import ddp
 from flowtuner.train.lora_formats import write_lora_file
 from flowtuner.train.objective import per_sample_loss
 from flowtuner.train.state import capture_rng, save_state
@@ -69,37 +71,48 @@ def _timestep(value: float | None, default: int) -> int | float:
 
 
 class Saver:
+    """Writes weights and states. With several processes only the main one writes, once every rank has
+    reached the same step (a barrier); every file is written under a temporary name and renamed."""
+
     def __init__(self, trainer, module, network, denoiser, optimizer, schedule, gen):
-        self.t, self.module, self.network, self.denoiser = trainer, module, network, denoiser
+        self.t, self.module, self.network, self.denoiser = trainer, ddp.unwrap(module), network, denoiser
         self.optimizer, self.schedule, self.gen = optimizer, schedule, gen
         self.out = trainer.out
+        self.shard = trainer.shard
 
     def _weights(self, stem: str, pos) -> Path:
         cfg = self.t.cfg
         path = self.out / f"{stem}.safetensors"
         dtype = SAVE_DTYPES.get(cfg.save_precision, torch.float32 if self.network is not None else torch.bfloat16)
         if self.network is not None:
-            write_lora_file(self.network.weights(), path, cfg.save_format, lora_metadata(self.t, pos, self.network), dtype)
+            write_lora_file(self.network.weights(), path, cfg.save_format, lora_metadata(self.t, pos, self.network), dtype,
+                            self.t.family.lora_names())
         else:
             meta = {"modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": self.t.family.modelspec_architecture,
                     "modelspec.title": cfg.output_name, "ss_steps": str(pos.step)}
-            state = self.denoiser.module.state_dict()
+            state = self.t.family.full_state(self.denoiser.module, cfg)
             if cfg.mem_eff_save:
                 stream_save_safetensors(state, path, meta, dtype)
-            else:
-                atomic_save_safetensors({k: v.detach().to(dtype).cpu() for k, v in state.items()}, path, meta)
+            else:  # integer tensors (a checkpoint's position ids) keep their type
+                atomic_save_safetensors({k: (v.detach().to(dtype) if v.is_floating_point() else v.detach()).cpu()
+                                         for k, v in state.items()}, path, meta)
         log.info("saved %s", path)
         return path
 
     def state_now(self, pos) -> dict:
         gen_state, rng = pos.snapshot if pos.snapshot else (self.gen.get_state(), capture_rng())
-        return self.t.state(self.module, self.optimizer, self.schedule, gen_state, rng, pos)
+        state = self.t.state(self.module, self.optimizer, self.schedule, gen_state, rng, pos)
+        # position["batch"] is a global micro-batch index; these let a resume on another world size check the global batch
+        state["position"].update(world_size=self.shard.world,
+                                 micro_batches_per_step=ddp.micro_batches_per_step(self.t.cfg, self.shard))
+        return state
 
     def _state(self, stem: str, pos) -> Path:
         return save_state(self.out / f"{stem}-state", self.state_now(pos))
 
-    def save_state_now(self, pos, tag: str) -> Path:
-        return self._state(f"{self.t.cfg.output_name}-{tag}", pos)
+    def save_state_now(self, pos, tag: str) -> Path | None:
+        """No barrier: an interrupted run's other ranks may be gone."""
+        return self._state(f"{self.t.cfg.output_name}-{tag}", pos) if ddp.is_main() else None
 
     def _prune(self, pattern: str, keep_from: int) -> None:
         for path in self.out.glob(f"{self.t.cfg.output_name}-*"):
@@ -113,6 +126,9 @@ class Saver:
                     path.unlink()
 
     def _save(self, stem: str, pos, prune: str, keep_last: int | None, counter: int) -> None:
+        ddp.barrier()
+        if not ddp.is_main():
+            return
         self._weights(stem, pos)
         if self.t.cfg.save_state:
             self._state(stem, pos)
@@ -129,7 +145,10 @@ class Saver:
         cfg = self.t.cfg
         self._save(f"{cfg.output_name}-{pos.epoch:06d}", pos, r"(\d{6})(-state)?(\.safetensors)?", cfg.save_last_n_epochs, pos.epoch)
 
-    def save_final(self, pos) -> Path:
+    def save_final(self, pos) -> Path | None:
+        ddp.barrier()
+        if not ddp.is_main():
+            return None
         path = self._weights(self.t.cfg.output_name, pos)
         if self.t.cfg.save_state_on_train_end:
             self._state(self.t.cfg.output_name, pos)
@@ -138,13 +157,15 @@ class Saver:
 
 
 class Tracker:
-    """Optional TensorBoard logging and the validation schedule."""
+    """Optional TensorBoard logging and the validation schedule; with several processes, on the main one only
+    (validation runs there over the whole validation set)."""
 
     def __init__(self, cfg, out: Path, validator=None):
-        self.cfg, self.writer, self.validator = cfg, None, validator
+        main = ddp.is_main()
+        self.cfg, self.writer, self.validator = cfg, None, validator if main else None
         self.sigmas: list[float] = []
         self.val_history: list[tuple[int, float]] = []
-        if cfg.log_with == "tensorboard":
+        if cfg.log_with == "tensorboard" and main:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
@@ -179,26 +200,38 @@ class Tracker:
 
 
 class Validator:
-    """Loss on cached validation data at fixed noise and fixed stratified sigmas: comparable between
-    runs and steps (random timesteps would make the curve mostly noise). Unweighted MSE."""
+    """Loss on cached validation data at fixed sigmas and fixed noise, so two evaluations of the same weights give
+    the same number and a change between steps is the weights' doing (the bigASP recipe's test loss draws fresh
+    sigmas and noise each time: a Monte-Carlo estimate; shared/reference/sdxl-flow-recipe.md §A5). Every item is
+    evaluated at each of `timesteps` stratified draws (k + 0.5) / n, mapped to sigmas as training maps them, with
+    noise seeded by (item key, draw index): independent of the batching, the item order and the run's seed.
+    Unweighted MSE, the mean over items and sigmas."""
 
     def __init__(self, trainer, denoiser, data, plan, device, timesteps: int):
+        if timesteps < 1:
+            raise ConfigError(f"--validation_timesteps {timesteps}: must be at least 1.")
         self.t, self.denoiser, self.data, self.plan = trainer, denoiser, data, plan
-        self.device, self.sigmas = device, [(k + 0.5) / timesteps for k in range(timesteps)]
+        stratified = torch.tensor([(k + 0.5) / timesteps for k in range(timesteps)])
+        self.device, self.sigmas = device, trainer.objective.sigmas(stratified, trainer.cfg.zero_terminal_snr).tolist()
+
+    @staticmethod
+    def noise(key: str, index: int, shape) -> torch.Tensor:
+        """The noise of item `key` at sigma number `index`: the same at every evaluation and in every run."""
+        digest = hashlib.sha256(f"validation|{key}|{index}".encode()).digest()
+        return torch.randn(shape, generator=torch.Generator().manual_seed(int.from_bytes(digest[:8], "little")))
 
     @torch.no_grad()
     def __call__(self, module) -> float:
         from flowtuner.data.loader import make_loader
 
+        module = ddp.unwrap(module)  # the wrapper's forward could start collectives the other ranks never join
         total, count = 0.0, 0
-        for i, batch in enumerate(make_loader(self.data, self.plan, epoch=0)):
+        for batch in make_loader(self.data, self.plan, epoch=0):
             x0, geometry = self.denoiser.from_latents(batch["latents"].to(torch.float32))
-            noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1_000_003 + i))
-            x0, noise = x0.to(self.device), noise.to(self.device)
-            cond = batch["cond"].to(self.device)
-            for s in self.sigmas:
+            x0, cond = x0.to(self.device), batch["cond"].to(self.device)
+            for j, s in enumerate(self.sigmas):
+                noise = torch.stack([self.noise(key, j, x0.shape[1:]) for key in batch["keys"]]).to(self.device)
                 sigma = torch.full((x0.shape[0],), s, device=self.device)
-                total += per_sample_loss(module, x0, noise, sigma, cond, geometry).sum().item()
+                total += per_sample_loss(module, x0, noise, sigma, cond, geometry, self.t.objective).sum().item()
                 count += x0.shape[0]
         return total / max(1, count)
-

@@ -18,6 +18,7 @@ from tqdm import tqdm
 from flowtuner import __version__
 from flowtuner.config.train import TrainConfig
 from flowtuner.data.config import load_dataset_config
+from flowtuner.data.distributed import epoch_end, noise_seed
 from flowtuner.data.loader import BatchPlan, CacheDataset, make_loader, scan_caches
 from flowtuner.errors import ConfigError, FlowtunerError
 from flowtuner.families import family_for
@@ -26,12 +27,15 @@ from flowtuner.flow.timesteps import check_options, loss_weighting, sample_sigma
 from flowtuner.flow.weighting import WEIGHTINGS
 from flowtuner.generate import pick_device, release_cache
 from flowtuner import conditioning
-from flowtuner.train import checkpoints, previews
+from flowtuner.train import checkpoints, ddp, previews
 from flowtuner.train.lora import LoRANetwork, kohya_name, select_modules
-from flowtuner.train.objective import per_sample_loss
-from flowtuner.train.optim import make_optimizer, make_schedule, parse_kv
+from flowtuner.plan import startup_plan
+from flowtuner.train.offload import check_offload_flags, enable_checkpointing
+from flowtuner.train.objective import objective, per_sample_loss
+from flowtuner.train.optim import GlobalBatch, make_optimizer, make_schedule, parse_kv
 from flowtuner.train.state import capture_rng, load_state, restore_rng
-from flowtuner.weights.fp8 import fp8_base, fp8_text_encoder
+from flowtuner.weights import block_swap
+from flowtuner.weights.fp8 import fp8_base, fp8_scaled, fp8_text_encoder
 
 log = logging.getLogger(__name__)
 # --network_module values every family accepts; the family adds musubi-tuner's name for its own module
@@ -93,22 +97,29 @@ class Trainer:
         # --timestep_sampling not given: the family's default, resolved here so the metadata records it
         cfg = replace(cfg, timestep_sampling=cfg.timestep_sampling or self.family.default_timestep_sampling)
         self.cfg, self.full = cfg, full
+        self.objective = objective(self.family.prediction_type)  # --prediction_type, resolved by family_for
         self.opts = replace(cfg.timestep_options(), shift_line=self.family.shift_line)
         check_options(cfg.timestep_sampling, self.opts)
         self.weighting = loss_weighting(cfg.timestep_sampling, cfg.weighting_scheme)  # `sigma` samples from density schemes
         self.weight_opts = {"logit_mean": cfg.logit_mean or 0.0, "logit_std": cfg.logit_std or 1.0, "mode_scale": cfg.mode_scale}
         self.net_opts = None if full else cfg.network_options()  # --network_args errors before any model loads
+        check_offload_flags(cfg.gradient_checkpointing, cfg.gradient_checkpointing_cpu_offload)
         if full and cfg.fp8_base:  # musubi-tuner's qwen_image_train.py switches it off; a refusal says why
-            raise ConfigError("--fp8_base: full fine-tuning trains every DiT weight, which fp8 storage cannot update; "
+            raise ConfigError(f"--{'fp8_scaled' if cfg.fp8_scaled else 'fp8_base'}: full fine-tuning trains every DiT weight, which fp8 storage cannot update; "
                               "use it with `flowtuner train` (LoRA) or drop it (see --full_bf16).")
+        if full and cfg.blocks_to_swap:  # the streamed weights would change: device -> host copies of weights and grads
+            raise ConfigError("--blocks_to_swap: full fine-tuning trains the block weights, and flowtuner's block swap "
+                              "streams frozen weights only (host -> device); use it with `flowtuner train` (LoRA).")
         if not full and cfg.network_module not in (*NETWORK_ALIASES, self.family.network_module):
             raise ConfigError(f"--network_module {cfg.network_module}: unknown; use lora ({self.family.network_module} is accepted).")
         self.seed = cfg.seed if cfg.seed is not None else random.randrange(2**31)
         self.out = Path(cfg.output_dir)
         self.version = __version__
+        self.shard = ddp.shard_for(cfg)  # this process among the training processes (docs/scale.md)
         self.resumed = load_state(Path(cfg.resume)) if cfg.resume else None
         if self.resumed is not None:
             self.seed = self.resumed["seed"]  # the data order depends on it
+            ddp.check_resume(self.resumed, cfg, self.shard)
 
     def timestep_draws(self) -> tuple[torch.Tensor, tuple[int, int], int]:
         """100k training sigmas at the first dataset's resolution (else 1024x1024), the resolution, its tokens."""
@@ -137,9 +148,15 @@ class Trainer:
         items = scan_caches(datasets, self.family)
         return CacheDataset(items, self.family), BatchPlan(items, datasets, self.seed)
 
+    def _global_batch(self, plan: BatchPlan) -> GlobalBatch:
+        return GlobalBatch(tuple(sorted(set(plan.batch_sizes.values()))), self.cfg.gradient_accumulation_steps, self.shard.world)
+
     def _total_steps(self, plan: BatchPlan) -> int:
+        per_epoch = self.shard.batches_per_epoch(len(plan))  # micro-batches of each process
+        if self.cfg.max_train_samples:
+            return self._global_batch(plan).steps(self.cfg.max_train_samples)
         if self.cfg.max_train_epochs:
-            return math.ceil(len(plan) * self.cfg.max_train_epochs / self.cfg.gradient_accumulation_steps)
+            return math.ceil(per_epoch * self.cfg.max_train_epochs / self.cfg.gradient_accumulation_steps)
         return self.cfg.max_train_steps
 
     def _network(self, denoiser: Denoiser) -> LoRANetwork | None:
@@ -177,9 +194,10 @@ class Trainer:
     def loss(self, module: nn.Module, denoiser: Denoiser, batch: dict, gen: torch.Generator, device) -> tuple[torch.Tensor, torch.Tensor]:
         x0, geometry = denoiser.from_latents(batch["latents"].to(torch.float32))
         noise = torch.randn(x0.shape, generator=gen)
-        sigma = sample_sigmas(self.cfg.timestep_sampling, x0.shape[0], gen, self.opts, geometry.image_tokens)
+        sigma = self.objective.sigmas(sample_sigmas(self.cfg.timestep_sampling, x0.shape[0], gen, self.opts, geometry.image_tokens),
+                                      self.cfg.zero_terminal_snr)
         x0, noise, sigma_d = x0.to(device), noise.to(device), sigma.to(device)
-        per_sample = per_sample_loss(module, x0, noise, sigma_d, batch["cond"].to(device), geometry)
+        per_sample = per_sample_loss(module, x0, noise, sigma_d, batch["cond"].to(device), geometry, self.objective)
         weights = WEIGHTINGS[self.weighting](sigma_d, self.weight_opts)
         return (weights * per_sample).mean(), sigma
 
@@ -209,20 +227,38 @@ class Trainer:
         self.family.validate(paths, ("dit",) + (("text_encoder", "vae") if jobs else ()))
         accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                                   cpu=(cfg.device == "cpu") or (cfg.device is None and not torch.cuda.is_available()))
-        device = accelerator.device if cfg.device is None else pick_device(cfg.device)
+        ddp.setup(accelerator, self.shard)
+        # several processes: each on the device accelerate gives it, whatever --device names
+        device = accelerator.device if cfg.device is None or self.shard.world > 1 else pick_device(cfg.device)
+        jobs = jobs if accelerator.is_main_process else []  # previews: main process only
+        if not cfg.no_plan and accelerator.is_main_process:  # before the models load: a run that cannot fit says so
+            startup_plan(self.family, paths, cfg, "finetune" if self.full else "train", torch.device(device))
         conds = self._encode_samples(paths, jobs, device) if jobs else {}
-        with fp8_base(cfg.fp8_base):
-            denoiser = self.family.load_denoiser(paths, device, "sdpa" if cfg.sdpa else cfg.attn_mode)
-        if cfg.gradient_checkpointing:
-            denoiser.module.enable_gradient_checkpointing()
+        with fp8_base(cfg.fp8_base), fp8_scaled(cfg.fp8_scaled):
+            # block swap: loaded on the host, then spread over host and device
+            denoiser = self.family.load_denoiser(paths, torch.device("cpu") if cfg.blocks_to_swap else device,
+                                                 "sdpa" if cfg.sdpa else cfg.attn_mode)
+        if cfg.blocks_to_swap:
+            block_swap.enable(denoiser, cfg.blocks_to_swap, device, cfg.block_swap_ring_size)
+        if cfg.split_attn:
+            self.family.split_attention(denoiser.module)
+        if cfg.gradient_checkpointing:  # --gradient_checkpointing_cpu_offload: the saved block inputs on the host
+            enable_checkpointing(denoiser.module, self._offload_blocks(denoiser) if cfg.gradient_checkpointing_cpu_offload
+                                 else (), device, cfg.gradient_checkpointing_cpu_offload)
         network = self._network(denoiser)
         module = TrainModule(denoiser, network)
         params = [p for p in module.parameters() if p.requires_grad]
         ratio = network is not None and self.net_opts.loraplus_lr_ratio
         groups = network.loraplus_groups(cfg.learning_rate, ratio) if ratio else params  # LoRA+: lora_up at lr x ratio
         optimizer = make_optimizer(cfg.optimizer_type, groups, cfg.learning_rate, parse_kv(cfg.optimizer_args, "--optimizer_args"))
-        schedule = make_schedule(cfg.lr_scheduler, optimizer, total, cfg.schedule_options())
+        opts = cfg.schedule_options()
+        if opts.in_samples:  # the schedule's clock: samples trained = step x the global batch
+            opts = replace(opts, samples_per_step=self._global_batch(plan).samples)
+        schedule = make_schedule(cfg.lr_scheduler, optimizer, total, opts)
         fused = self._fused(optimizer, params)
+        if ddp.distributed():  # DDP (even of one process) fails on a parameter without gradient: a probe finds and freezes them
+            probe = lambda: self.loss(module, denoiser, data[plan.epoch(0)[0][:1]], torch.Generator().manual_seed(0), device)[0]  # noqa: E731
+            ddp.freeze_unreached(module, probe, accelerator.autocast)
         module, optimizer = accelerator.prepare(module, optimizer)
         gen = torch.Generator().manual_seed(self.seed)
         pos = self._resume(module, optimizer, schedule, gen) if self.resumed else Position()
@@ -236,16 +272,20 @@ class Trainer:
                                                     cfg.output_name, tag) if jobs else None
         if cfg.sample_at_first and pos.step == 0:
             self._eval_mode(module, lambda: sample("000000"))
-        log.info("training %d steps (%d batches per epoch), seed %d", total, len(plan), self.seed)
+        log.info("training %d steps (%d batches per epoch), seed %d; %s", total, len(plan), self.seed,
+                 self._global_batch(plan).describe())
         smooth = deque(maxlen=50)
         clock = StepClock(device)
-        bar = tqdm(total=total, initial=pos.step, desc="training", unit="step")
+        bar = tqdm(total=total, initial=pos.step, desc="training", unit="step", disable=not accelerator.is_main_process)
         last_good = Position(pos.step, pos.epoch, pos.batch, pos.history, (gen.get_state(), capture_rng()))
         try:
             while pos.step < total:
-                for batch in make_loader(data, plan, pos.epoch, pos.batch, cfg.max_data_loader_n_workers):
+                start = pos.batch
+                for batch in make_loader(data, plan, pos.epoch, start, cfg.max_data_loader_n_workers, shard=self.shard):
                     clock.lap("data")
-                    pos.batch += 1
+                    # noise and timesteps of a global micro-batch: the same whichever rank trains it
+                    gen.manual_seed(noise_seed(self.seed, pos.epoch, pos.batch + self.shard.rank))
+                    pos.batch += self.shard.world  # a global micro-batch index
                     with accelerator.accumulate(module):
                         loss, sigma = self.loss(module, denoiser, batch, gen, device)
                         clock.lap("forward")
@@ -265,7 +305,7 @@ class Trainer:
                         continue
                     schedule.step()
                     pos.step += 1
-                    value = loss.item()
+                    value = accelerator.reduce(loss.detach(), "mean").item()  # over the processes' micro-batches
                     smooth.append(value)
                     pos.history.append((pos.step, value))
                     pos.snapshot = (gen.get_state(), capture_rng())
@@ -279,14 +319,15 @@ class Trainer:
                     clock.lap("saving/sampling")
                     if pos.step >= total:
                         break
-                if pos.batch >= len(plan):  # the epoch is complete (also when its last batch ended the run)
+                if pos.batch >= epoch_end(len(plan), start, self.shard.world):  # the epoch is complete (also when its last batch ended the run)
                     pos.epoch, pos.batch = pos.epoch + 1, 0
                     last_good = Position(pos.step, pos.epoch, 0, pos.history, pos.snapshot)
                     self._every_epoch(pos, saver, sample, module)
         except KeyboardInterrupt:
             bar.close()
             folder = saver.save_state_now(last_good, tag="interrupted")
-            print(f"interrupted: state saved to {folder}; continue with --resume {folder}")
+            if folder is not None:  # the main process writes
+                print(f"interrupted: state saved to {folder}; continue with --resume {folder}")
             raise
         bar.close()
         self.timings = clock.report()
@@ -343,6 +384,7 @@ class Trainer:
 
     def _resume(self, module, optimizer, schedule, gen) -> Position:
         state, folder = self.resumed, self.cfg.resume
+        module = ddp.unwrap(module)  # the saved keys carry no DDP prefix
         missing = set(module.state_dict()) - set(state["weights"])
         if missing:
             raise FlowtunerError(f"--resume {folder}: the saved weights do not match this run (e.g. {sorted(missing)[0]}).")
@@ -355,6 +397,14 @@ class Trainer:
         log.info("resumed from %s at step %d (epoch %d, batch %d)", folder, p["step"], p["epoch"], p["batch"])
         return Position(p["step"], p["epoch"], p["batch"], [tuple(h) for h in p["history"]],
                         (state["generator"], state["rng"]))
+
+    def _offload_blocks(self, denoiser: Denoiser) -> nn.Module:
+        """The block list whose checkpointed inputs --gradient_checkpointing_cpu_offload keeps on the host."""
+        try:
+            return denoiser.module.get_submodule(self.family.lora_blocks)
+        except AttributeError:
+            raise ConfigError(f"--gradient_checkpointing_cpu_offload: {self.family.name} has no block list to offload; "
+                              "use --gradient_checkpointing alone.") from None
 
     def _validator(self, denoiser, device):
         if not self.cfg.validation_dataset_config:

@@ -4,7 +4,10 @@ down/up (Lightning), PEFT with adapter name (DiffSynth). Write: kohya (default),
 
 kohya names flatten the module path (`transformer_blocks.0.attn.to_q` -> `lora_unet_transformer_blocks_0_attn_to_q`);
 they are mapped back with the model family's tables (`Family.lora_names()`: its LoRA-able module names and
-the path of its blocks), not by guessing which underscores were dots.
+the path of its blocks), not by guessing which underscores were dots. A family whose kohya names are not its
+flattened module paths (SDXL: ldm names, text encoders under `lora_te1_` / `lora_te2_`) gives its stem modules as
+a table {module path: kohya name} instead of a list; its files are then read and written with that table, and
+written in kohya's layout only.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import json
 import math
 import re
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import safetensors.torch
@@ -29,7 +32,7 @@ SUFFIXES = {
     ".lora_down.weight": "down", ".lora_up.weight": "up", ".lora_A.weight": "down", ".lora_B.weight": "up",
     ".lora_A.default.weight": "down", ".lora_B.default.weight": "up", ".alpha": "alpha",
 }
-PREFIXES = ("transformer.", "diffusion_model.", "model.diffusion_model.")
+PREFIXES = ("transformer.", "diffusion_model.", "model.diffusion_model.", "unet.")
 UNSUPPORTED_MARKERS = ("hada_w1_a", "lokr_w1", ".diff", ".dora_scale", "lora_magnitude_vector", "oft_blocks", "lora_mid")
 # diffusers' save_lora_weights stores the PEFT LoraConfig as JSON under this metadata key, every field
 # prefixed with the component it belongs to (training_utils._collate_lora_metadata + lora_base._save_lora_weights)
@@ -45,6 +48,11 @@ def _split(key: str) -> tuple[str, str]:
     raise ConfigError(f"unrecognised LoRA key {key!r}")
 
 
+def kohya_table(stem_modules: Sequence[str] | Mapping[str, str]) -> Mapping[str, str] | None:
+    """A family's {module path: kohya name} when its stem modules come as that table, else None (flattened paths)."""
+    return stem_modules if isinstance(stem_modules, Mapping) else None
+
+
 def _path_from_kohya(name: str, module_names: list[str], blocks: str, source: str) -> str:
     m = re.fullmatch(rf"lora_unet_{re.escape(blocks.replace('.', '_'))}_(\d+)_(.+)", name)
     table = {n.replace(".", "_"): n for n in module_names}
@@ -58,21 +66,28 @@ def _path_from_kohya(name: str, module_names: list[str], blocks: str, source: st
 
 
 def parse_lora(tensors: dict[str, torch.Tensor], metadata: dict[str, str], block_modules: list[str],
-               stem_modules: list[str], blocks: str, source: str) -> dict[str, LoRAWeights]:
+               stem_modules: Sequence[str] | Mapping[str, str], blocks: str, source: str) -> dict[str, LoRAWeights]:
     """Any supported layout -> {module path: LoRAWeights}. `block_modules` are paths inside a block
-    (`attn.to_q`), `stem_modules` paths outside blocks (`img_in`), `blocks` the path of the blocks'
-    ModuleList: the family's `lora_names()`."""
+    (`attn.to_q`), `stem_modules` paths outside blocks (`img_in`) or the table {path: kohya name}, `blocks` the
+    path of the blocks' ModuleList: the family's `lora_names()`. kohya names of a table's family are read by the
+    table, and as flattened module paths too (ComfyUI reads both for SDXL)."""
     odd = [k for k in tensors if any(m in k for m in UNSUPPORTED_MARKERS)]
     if odd:
         raise ConfigError(f"{source}: LoHa / LoKr / DoRA / diff LoRAs are not supported (key {odd[0]!r}).")
+    table = kohya_table(stem_modules)
+    spelled = {name: path for path, name in table.items()} if table else None
+    modules = list(block_modules) + list(stem_modules)
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         try:
             base, part = _split(key)
         except ConfigError:
             raise ConfigError(f"{source}: unrecognised LoRA key {key!r}.") from None
-        if base.startswith("lora_unet_"):
-            base = _path_from_kohya(base, block_modules + stem_modules, blocks, source)
+        value = _linear_matrix(key, value, source)
+        if spelled and base in spelled:
+            base = spelled[base]
+        elif base.startswith("lora_unet_"):
+            base = _path_from_kohya(base, modules, blocks, source)
         else:
             for prefix in PREFIXES:
                 if base.startswith(prefix):
@@ -88,6 +103,17 @@ def parse_lora(tensors: dict[str, torch.Tensor], metadata: dict[str, str], block
         alpha = float(p["alpha"]) if "alpha" in p else _peft_alpha(config, path, rank)
         out[path] = LoRAWeights(p["down"], p["up"], rank if alpha is None else alpha)
     return out
+
+
+def _linear_matrix(key: str, value: torch.Tensor, source: str) -> torch.Tensor:
+    """A LoRA matrix as the 2-D one of a Linear: 1x1-convolution LoRAs ([r, in, 1, 1], as kohya writes them for
+    1x1 conv layers) are Linear ones; larger kernels are LoCon's convolution LoRAs, which flowtuner does not apply."""
+    if value.ndim != 4:
+        return value
+    if value.shape[2:] != (1, 1):
+        raise ConfigError(f"{source}: {key} is a {value.shape[2]}x{value.shape[3]} convolution LoRA (LoCon / "
+                          "conv_dim); flowtuner applies LoRAs to Linear layers only: use a LoRA trained without conv_dim.")
+    return value.reshape(value.shape[0], value.shape[1])
 
 
 def _peft_config(metadata: dict[str, str], source: str) -> dict:
@@ -123,10 +149,10 @@ def _peft_alpha(config: dict, path: str, rank: int) -> float | None:
     return float(alpha) * (math.sqrt(rank) if config.get("use_rslora") else 1.0)
 
 
-def _kohya(weights: dict[str, LoRAWeights], cast) -> tuple[dict, dict]:
+def _kohya(weights: dict[str, LoRAWeights], cast, table: Mapping[str, str] | None = None) -> tuple[dict, dict]:
     tensors = {}
     for path, w in weights.items():
-        name = kohya_name(path)
+        name = table[path] if table else kohya_name(path)
         tensors.update({f"{name}.lora_down.weight": cast(w.down), f"{name}.lora_up.weight": cast(w.up),
                         f"{name}.alpha": torch.tensor(float(w.alpha))})
     return tensors, {}
@@ -170,12 +196,24 @@ WRITERS: dict[str, Callable[[dict[str, LoRAWeights], Callable], tuple[dict, dict
 FORMATS = tuple(WRITERS)
 
 
-def to_tensors(weights: dict[str, LoRAWeights], fmt: str, dtype: torch.dtype | None = None) -> tuple[dict, dict]:
-    """{module path: LoRAWeights} -> (tensors, extra metadata) in `fmt`."""
+def to_tensors(weights: dict[str, LoRAWeights], fmt: str, dtype: torch.dtype | None = None,
+               names: tuple | None = None) -> tuple[dict, dict]:
+    """{module path: LoRAWeights} -> (tensors, extra metadata) in `fmt`. `names`: the family's `lora_names()`;
+    a family with a kohya-name table is written in kohya's layout only (its other formats would need the same
+    renames, which neither ComfyUI nor diffusers needs: both read its kohya names)."""
     if fmt not in WRITERS:
         raise ConfigError(f"--save_format {fmt}: unknown; choose one of {', '.join(FORMATS)}.")
     cast = (lambda t: t.to(dtype).contiguous()) if dtype else (lambda t: t.contiguous())  # noqa: E731
-    return WRITERS[fmt](weights, cast)
+    table = kohya_table(names[1]) if names else None
+    if table is None:
+        return WRITERS[fmt](weights, cast)
+    if fmt != "kohya":
+        raise ConfigError(f"--save_format {fmt}: this model's LoRAs are written in kohya naming only (ComfyUI and "
+                          "diffusers both load it); use --save_format kohya.")
+    unknown = sorted((p for p in weights if p not in table), key=natural_key)
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: not a LoRA-able module of this model ({len(unknown)} such); it has no kohya name.")
+    return _kohya(weights, cast, table)
 
 
 def addnet_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[str, str]:
@@ -188,7 +226,8 @@ def addnet_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) ->
     return hashlib.sha256(data[header:]).hexdigest(), hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
 
 
-def read_lora_file(path: str | Path, block_modules: list[str], stem_modules: list[str], blocks: str) -> dict[str, LoRAWeights]:
+def read_lora_file(path: str | Path, block_modules: list[str], stem_modules: Sequence[str] | Mapping[str, str],
+                   blocks: str) -> dict[str, LoRAWeights]:
     ckpt = open_checkpoint(path)
     tensors = {k: ckpt.read(k) for k in ckpt.keys()}
     if not tensors:
@@ -197,9 +236,11 @@ def read_lora_file(path: str | Path, block_modules: list[str], stem_modules: lis
 
 
 def write_lora_file(weights: dict[str, LoRAWeights], path: str | Path, fmt: str = "kohya",
-                    metadata: dict[str, str] | None = None, dtype: torch.dtype | None = None) -> None:
-    """Every file gets the additional-networks hashes of exactly the tensors it holds."""
-    tensors, extra = to_tensors(weights, fmt, dtype)
+                    metadata: dict[str, str] | None = None, dtype: torch.dtype | None = None,
+                    names: tuple | None = None) -> None:
+    """Every file gets the additional-networks hashes of exactly the tensors it holds. `names`: the family's
+    `lora_names()` (needed where its kohya names are a table)."""
+    tensors, extra = to_tensors(weights, fmt, dtype, names)
     meta = {**(metadata or {}), **extra}
     meta["sshs_model_hash"], meta["sshs_legacy_hash"] = addnet_hashes(tensors, meta)
     atomic_save_safetensors(tensors, path, meta)

@@ -186,6 +186,14 @@ class ScheduleOptions:
     min_lr_ratio: float | None = None
     kind: str = ""  # --lr_scheduler_type: a scheduler class (torch.optim.lr_scheduler name or dotted path)
     args: dict = field(default_factory=dict)  # --lr_scheduler_args
+    # --lr_warmup_samples / --max_train_samples: the schedule's clock counts samples (step x the global batch)
+    warmup_samples: int | None = None
+    total_samples: int | None = None
+    samples_per_step: int = 0  # the global batch; set by the trainer when either of the above is given
+
+    @property
+    def in_samples(self) -> bool:
+        return self.warmup_samples is not None or self.total_samples is not None
 
 
 @dataclass(frozen=True)
@@ -196,6 +204,9 @@ class Schedule:
     # what --lr_scheduler_args may set, with defaults
     extra: dict = field(default_factory=dict)
     takes_warmup: bool = True
+    # whether the formula reads its clock as a continuous time, so it may count samples (Composer's "sp" units)
+    # instead of steps; the others are defined on step indices (one-step offsets, rules written in steps)
+    continuous: bool = True
 
 
 def _min_ratio(o: ScheduleOptions, default: float) -> float:
@@ -210,7 +221,7 @@ SCHEDULES: dict[str, Schedule] = {
     "cosine_with_restarts": Schedule(_cosine_with_restarts, lambda o, t, w, d, lr: {"warmup": w, "total": t, "num_cycles": o.num_cycles}),
     "polynomial": Schedule(_polynomial, lambda o, t, w, d, lr: {"warmup": w, "total": t, "power": o.power, "lr_init": lr},
                            {"lr_end": 1e-7}),
-    "inverse_sqrt": Schedule(_inverse_sqrt, lambda o, t, w, d, lr: {"warmup": w, "timescale": o.timescale or w or 10_000}),
+    "inverse_sqrt": Schedule(_inverse_sqrt, lambda o, t, w, d, lr: {"warmup": w, "timescale": o.timescale or w or 10_000}, continuous=False),
     # musubi-tuner passes num_cycles / 2 (one cycle = half a cosine); without a ratio flowtuner ends at 0
     "cosine_with_min_lr": Schedule(_cosine, lambda o, t, w, d, lr: {"warmup": w, "total": t, "num_cycles": o.num_cycles / 2,
                                                                     "min_lr_rate": _min_ratio(o, 0.0), "lr_init": lr},
@@ -218,14 +229,14 @@ SCHEDULES: dict[str, Schedule] = {
     "cosine_warmup_with_min_lr": Schedule(_cosine_warmup_with_min_lr,
                                           lambda o, t, w, d, lr: {"warmup": w, "total": t, "num_cycles": o.num_cycles / 2,
                                                                   "min_lr_rate": _min_ratio(o, 0.0), "lr_init": lr},
-                                          {"min_lr": None, "warmup_lr_rate": None}),
+                                          {"min_lr": None, "warmup_lr_rate": None}, continuous=False),
     "warmup_stable_decay": Schedule(_warmup_stable_decay,
                                     lambda o, t, w, d, lr: {"warmup": w, "stable": t - w - d, "decay": d,
                                                             "num_cycles": o.num_cycles / 2, "min_lr_ratio": _min_ratio(o, 0.0)},
                                     {"warmup_type": "linear", "decay_type": "cosine"}),
-    "piecewise_constant": Schedule(_piecewise_constant, lambda o, t, w, d, lr: {}, {"step_rules": None}, takes_warmup=False),
+    "piecewise_constant": Schedule(_piecewise_constant, lambda o, t, w, d, lr: {}, {"step_rules": None}, takes_warmup=False, continuous=False),
     "rex": Schedule(_rex, lambda o, t, w, d, lr: {"warmup": w, "total": t, "min_ratio": _min_ratio(o, 0.01)},
-                    {"rex_alpha": 0.1, "rex_beta": 0.9}),
+                    {"rex_alpha": 0.1, "rex_beta": 0.9}, continuous=False),
 }
 # names musubi-tuner lists that cannot run here, and why
 REFUSED = {
@@ -284,13 +295,63 @@ def make_schedule(name: str, optimizer: torch.optim.Optimizer, total: int, opts:
         raise ConfigError(f"--lr_scheduler {name}: unknown; choose one of {', '.join(SCHEDULES)}, or give "
                           "--lr_scheduler_type with a scheduler class.")
     spec, warmup, decay = SCHEDULES[name], warmup_steps(opts.warmup, total), warmup_steps(opts.decay, total)
-    if warmup and not spec.takes_warmup:
+    if (warmup or opts.warmup_samples) and not spec.takes_warmup:
         hint = "; use constant_with_warmup" if name == "constant" else ""
-        raise ConfigError(f"--lr_warmup_steps has no effect with --lr_scheduler {name}{hint}.")
+        flag = "--lr_warmup_samples" if opts.warmup_samples else "--lr_warmup_steps"
+        raise ConfigError(f"{flag} has no effect with --lr_scheduler {name}{hint}.")
+    clock = 1
+    if opts.in_samples:
+        total, warmup, decay, clock = _sample_units(name, spec, opts, total, warmup, decay)
     unknown = sorted(set(opts.args) - set(spec.extra))
     if unknown:
         raise ConfigError(f"--lr_scheduler_args {unknown[0]}: not a parameter of {name}; it takes "
                           f"{', '.join(spec.extra) or 'none'}.")
     params = {**spec.flags(opts, total, warmup, decay, optimizer.defaults["lr"]), **spec.extra, **opts.args}
     _check(name, params, total)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: spec.fn(step, **params))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: spec.fn(step * clock, **params))
+
+
+def _sample_units(name: str, spec: Schedule, opts: ScheduleOptions, total: int, warmup: int, decay: int):
+    """(total, warmup, decay, samples per step) with the schedule's clock in samples: Composer's
+    CosineAnnealingWithWarmupScheduler with t_warmup and max_duration in "sp" evaluates lr(t) at t = the samples
+    trained before the step, so the lr of step i is the formula at i x the global batch (a warmup of 1M samples
+    at 4096 per step ends mid-step 244, not at a rounded step). Step-valued flags convert at the global batch."""
+    batch = opts.samples_per_step
+    if batch < 1:
+        raise ValueError("samples_per_step must be set (the global batch) when the schedule counts samples")
+    if not spec.continuous:
+        raise ConfigError(f"--lr_scheduler {name} is defined on step indices; --lr_warmup_samples / --max_train_samples "
+                          "work with constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial, "
+                          "cosine_with_min_lr and warmup_stable_decay (or give steps).")
+    end = opts.total_samples if opts.total_samples is not None else total * batch
+    start = opts.warmup_samples if opts.warmup_samples is not None else warmup * batch
+    if start > end:
+        raise ConfigError(f"--lr_warmup_samples {start} exceeds the run's {end} samples.")
+    return end, start, decay * batch, batch
+
+
+@dataclass(frozen=True)
+class GlobalBatch:
+    """Samples per optimizer step: the dataset batch_size x --gradient_accumulation_steps x processes (a bucket's
+    last micro-batch may be short; the schedule counts it as full, as the nominal batch)."""
+
+    batch_sizes: tuple[int, ...]  # the datasets' batch_size values, distinct, sorted
+    accumulation: int
+    world: int
+
+    @property
+    def samples(self) -> int:
+        if len(self.batch_sizes) != 1:
+            raise ConfigError(f"--lr_warmup_samples / --max_train_samples need one batch_size across the datasets (found "
+                              f"{', '.join(map(str, self.batch_sizes))}); give steps (--lr_warmup_steps, --max_train_steps).")
+        return self.batch_sizes[0] * self.accumulation * self.world
+
+    def describe(self) -> str:
+        size = "/".join(map(str, self.batch_sizes))
+        total = f" = {self.samples}" if len(self.batch_sizes) == 1 else ""
+        return (f"global batch {size} (batch_size) x {self.accumulation} (--gradient_accumulation_steps) x {self.world} "
+                f"(processes){total} samples per optimizer step")
+
+    def steps(self, samples: int) -> int:
+        """Optimizer steps that train `samples` samples (the last one may pass it)."""
+        return math.ceil(samples / self.samples)

@@ -143,6 +143,9 @@ class QwenImageDenoiser(Denoiser):
     def perturbed_attention(self, blocks: str):
         return identity_self_attention(self.dit, blocks)
 
+    def swap_blocks(self) -> torch.nn.ModuleList:
+        return self.dit.transformer_blocks
+
 
 def set_attention(dit, attn_mode: str) -> None:
     if attn_mode not in ATTN_BACKENDS:
@@ -214,6 +217,11 @@ class QwenImageFamily(Family):
 
     def load_codec(self, paths: ModelPaths, device: torch.device) -> QwenImageCodec:
         return QwenImageCodec(load_vae(require(paths, "vae"), device))
+
+    def split_attention(self, module: torch.nn.Module) -> None:
+        from flowtuner.families.qwen_image.attention import split_attention
+
+        split_attention(module)
 
     def plan_spec(self, paths: ModelPaths | None):
         from flowtuner.families.qwen_image.plan import plan_spec
