@@ -29,6 +29,7 @@ def run(cfg) -> int:
     from flowtuner.data.caching import cache_latents, cache_text
     from flowtuner.data.distributed import refuse_several_processes
     from flowtuner.data.config import load_dataset_config
+    from flowtuner.errors import ConfigError
     from flowtuner.families import family_for
     from flowtuner.generate import pick_device
     from flowtuner.weights.fp8 import fp8_text_encoder
@@ -36,6 +37,10 @@ def run(cfg) -> int:
     refuse_several_processes("cache-latents" if isinstance(cfg, CacheLatentsConfig) else "cache-text")
     datasets = load_dataset_config(cfg.dataset_config, {"batch_size": cfg.batch_size})
     family = family_for(cfg)
+    for ds in datasets:
+        if ds.image_directory is None and ds.image_jsonl_file is None:
+            raise ConfigError(f"{cfg.dataset_config}: {ds.name} has only 'shards'; caching needs its images "
+                              "(image_directory or image_jsonl_file).")
     if isinstance(cfg, CacheLatentsConfig):
         paths = family.resolve_paths(vae=cfg.vae, model=cfg.model, comfyui_dir=cfg.comfyui_dir)
         summary = cache_latents(datasets, family, paths, pick_device(cfg.device), cfg.batch_size, cfg.num_workers,
@@ -46,4 +51,8 @@ def run(cfg) -> int:
         with fp8_text_encoder(cfg.fp8_vl):
             summary = cache_text(datasets, family, paths, pick_device(cfg.device), cfg.batch_size, cfg.skip_existing, cfg.keep_cache)
     print("\n".join(summary.lines()))
+    if cfg.to_shards:
+        from flowtuner.data.streaming import write_shards
+
+        print(f"shards: {write_shards(datasets, family, cfg.to_shards)} items written to {cfg.to_shards}")
     return 1 if summary.failed else 0

@@ -25,6 +25,9 @@ class CacheCommon:
     num_workers: int = opt(DEFAULT_WORKERS, "image loading threads")
     skip_existing: bool = opt(False, "keep existing cache files even when stale (musubi-tuner's behaviour); by default stale ones are recomputed")
     keep_cache: bool = opt(False, "keep cache files the dataset no longer produces (default: remove them)")
+    to_shards: str | None = opt(help="then write every item with both caches (latent and text) to cache shards at this folder or "
+                                     "s3://bucket/prefix (a Lance dataset; replaces what is there), for training with the "
+                                     "dataset key shards = ...; needs pip install 'flowtuner[streaming]' (docs/scale.md, Streaming)")
 
 
 @dataclass

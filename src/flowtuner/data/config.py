@@ -42,6 +42,9 @@ class GeneralSettings:
     prompt_variants: int = opt(1, "flowtuner only: prompts cache-text writes per item, drawn by the model's prompt recipe "
                                   "(SDXL: bigASP's, from JSONL caption / tags / score); training picks one per epoch; "
                                   "1 = the caption as is")
+    shards: str | None = opt(None, "flowtuner only: train from cache shards (a folder or s3://bucket/prefix written by "
+                                   "cache-latents/cache-text --to_shards) instead of the cache files; the images and "
+                                   "cache_directory are then not needed (docs/scale.md, Streaming)")
 
 
 @dataclass
@@ -91,10 +94,11 @@ class Dataset:
     bucket_rule: str = "musubi"
     bucket_crop: str = "center"
     prompt_variants: int = 1
+    shards: str | None = None  # a Lance dataset of the caches (data/streaming.py): read instead of cache_directory
 
     @property
     def name(self) -> str:
-        return f"datasets[{self.index}] ({self.image_directory or self.image_jsonl_file})"
+        return f"datasets[{self.index}] ({self.image_directory or self.image_jsonl_file or self.shards})"
 
 
 def _where(file: Path, section: str) -> str:
@@ -202,8 +206,10 @@ def _resolve_entry(i: int, entry: Any, general: dict, fallbacks: dict, defaults:
         raise ConfigError(f"{_where(file, section)}: must be a table.")
     entry = _check_keys(entry, DATASET_KEYS, file, section)
     value = {k: _typed(k, entry.get(k, general.get(k, fallbacks.get(k, defaults[k]))), file, section) for k in DATASET_KEYS}
+    if value["shards"] is not None and value["image_directory"] is None and value["image_jsonl_file"] is None:
+        return _shards_only(i, value, file, section)
     if value["image_directory"] is None and value["image_jsonl_file"] is None:
-        raise ConfigError(f"{_where(file, section)}: give 'image_directory' or 'image_jsonl_file'.")
+        raise ConfigError(f"{_where(file, section)}: give 'image_directory' or 'image_jsonl_file' (or 'shards').")
     if value["image_directory"] is not None and value["image_jsonl_file"] is not None:
         log.warning("%s: both 'image_directory' and 'image_jsonl_file' are given; image_directory is used and the JSONL "
                     "ignored, as musubi-tuner does", _where(file, section))
@@ -237,7 +243,32 @@ def _resolve_entry(i: int, entry: Any, general: dict, fallbacks: dict, defaults:
         image_directory=image_dir, image_jsonl_file=jsonl, cache_directory=cache, control_directory=control,
         control_resolution=None if ctrl_res is None else _resolution(ctrl_res, file, section, "control_resolution"),
         no_resize_control=value["no_resize_control"], bucket_rule=value["bucket_rule"], bucket_crop=value["bucket_crop"],
-        prompt_variants=value["prompt_variants"],
+        prompt_variants=value["prompt_variants"], shards=_shards_url(value["shards"], file, section),
+    )
+
+
+def _shards_url(value: str | None, file: Path, section: str) -> str | None:
+    """An s3:// URL as is; a local folder resolved as the other paths are."""
+    if value is None or "://" in value:
+        return value
+    return str(_resolve_path(value, "shards", file, section))
+
+
+def _shards_only(i: int, value: dict, file: Path, section: str) -> Dataset:
+    """A dataset trained from shards alone: no image source or cache folder on this machine (its cache_directory
+    is a placeholder no command reads: scan_caches reads the shards)."""
+    for key in ("batch_size", "num_repeats", "prompt_variants"):
+        if value[key] < 1:
+            raise ConfigError(f"{_where(file, section)}: '{key}' must be >= 1, got {value[key]}.")
+    _check_bucket_rule(value, file, section)
+    shards = _shards_url(value["shards"], file, section)
+    return Dataset(
+        index=i, resolution=_resolution(value["resolution"], file, section, "resolution"),
+        caption_extension=value["caption_extension"] or ".txt", batch_size=value["batch_size"],
+        num_repeats=value["num_repeats"], enable_bucket=value["enable_bucket"], bucket_no_upscale=value["bucket_no_upscale"],
+        image_directory=None, image_jsonl_file=None, cache_directory=Path(shards), control_directory=None,
+        control_resolution=None, no_resize_control=value["no_resize_control"], bucket_rule=value["bucket_rule"],
+        bucket_crop=value["bucket_crop"], prompt_variants=value["prompt_variants"], shards=shards,
     )
 
 
@@ -255,6 +286,8 @@ def _check_bucket_rule(value: dict, file: Path, section: str) -> None:
 def _check_unique_caches(datasets: list[Dataset], file: Path) -> None:
     seen: dict[Path, Dataset] = {}
     for ds in datasets:
+        if ds.shards and ds.image_directory is None and ds.image_jsonl_file is None:
+            continue  # several datasets may read one shards URL (each its own rows)
         key = ds.cache_directory.resolve()
         if key in seen:
             raise ConfigError(

@@ -43,12 +43,19 @@ class CachedItem:
     dataset: int
     controls: tuple[str, ...] = ()  # control latents' names with shapes (latents_control_0_1x8x8, ...), sorted
     group: tuple[tuple[int, ...], ...] = ()  # shapes of the family's batch_group_tensors in the text cache
+    stream: str | None = None  # the shards URL it is read from (data/streaming.py); None: the local cache files
+    row: int = -1  # its row in those shards
 
 
 def scan_caches(datasets: list[Dataset], family: Family) -> list[CachedItem]:
     """Every (latent, text) cache pair of the datasets, checked against the current bucket config."""
     items, missing_text = [], []
     for ds in datasets:
+        if getattr(ds, "shards", None):
+            from flowtuner.data.streaming import scan_shards
+
+            items += scan_shards(ds, family)
+            continue
         selector = bucket_selector(ds, family.size_step)
         seen: dict[str, Path] = {}
         for latent in sorted(ds.cache_directory.glob(f"*_{family.cache_arch}.safetensors")):
@@ -170,10 +177,13 @@ class PlanSampler(Sampler):
 
 
 def _only(path: Path, prefix: str):
-    ckpt = open_checkpoint(path)
+    return _only_in(open_checkpoint(path), prefix)
+
+
+def _only_in(ckpt, prefix: str):
     keys = [k for k in ckpt.keys() if k.startswith(prefix) and not k.startswith(CONTROL_PREFIX)]
     if len(keys) != 1:
-        raise CacheError(f"{path}: expected one {prefix}* tensor, found {len(keys)}; re-run the caching command.")
+        raise CacheError(f"{ckpt.path}: expected one {prefix}* tensor, found {len(keys)}; re-run the caching command.")
     return ckpt, keys[0]
 
 
@@ -211,7 +221,8 @@ class CacheDataset(TorchDataset):
 
     def __getitem__(self, batch: list[int]) -> dict:
         chosen = [self.items[i] for i in batch]
-        lat = [_only(it.latent, "latents_") for it in chosen]
+        files = _open_caches(chosen)
+        lat = [_only_in(latent, "latents_") for latent, _ in files]
         shape, dtype = lat[0][0].shape(lat[0][1]), lat[0][0].dtype(lat[0][1])
         latents = torch.empty((len(chosen), *shape), dtype=dtype)
         extras = []
@@ -222,13 +233,28 @@ class CacheDataset(TorchDataset):
             extras.append(_named(ckpt, [k for k in ckpt.keys() if k != key], ckpt.path))
         text = []
         seed, epoch = getattr(batch, "seed", 0), getattr(batch, "epoch", 0)  # a plain list: variant of (0, 0)
-        for it in chosen:
-            ckpt = open_checkpoint(it.text)
+        for it, (_, ckpt) in zip(chosen, files):
             variant, keys = _variant_keys(list(ckpt.keys()), seed, epoch, it.key)
             named = {base: ckpt.read(k) for k, base in keys.items()}
             text.append(_named_variant(named, it.text, variant, self.family.text_cache_names))
         cond = self.family.cached_conditioning(text, extras)
         return {"latents": latents, "cond": cond, "keys": [it.key for it in chosen]}
+
+
+def _open_caches(items: list[CachedItem]) -> list[tuple]:
+    """(latent, text) cache of each item: the local files, or the rows of its shards (one read per shards URL)."""
+    out = [None if it.stream else (open_checkpoint(it.latent), open_checkpoint(it.text)) for it in items]
+    streams: dict[str, list[int]] = defaultdict(list)
+    for i, it in enumerate(items):
+        if it.stream:
+            streams[it.stream].append(i)
+    if streams:
+        from flowtuner.data.streaming import fetch
+
+        for url, where in streams.items():
+            for i, pair in zip(where, fetch(url, [items[i].row for i in where])):
+                out[i] = pair
+    return out
 
 
 class ThreadedLoader:
