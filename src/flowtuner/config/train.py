@@ -103,6 +103,11 @@ class TrainConfig(ModelPrediction, ModelVersion, ModelFiles):
     # full fine-tuning
     full_bf16: bool = opt(False, "finetune: keep the DiT weights in bf16 (needs --mixed_precision bf16); Adafactor rounds them stochastically")
     fused_backward_pass: bool = opt(False, "finetune with Adafactor: update each weight inside backward (gradients never coexist)")
+    fsdp: bool = opt(False, "finetune under a launcher: shard weights, gradients and optimizer state over the processes "
+                            "with FSDP2, one unit per block, fp32 master weights (docs/scale.md \"FSDP2\")")
+    fsdp_reshard_after_forward: bool = opt(False, "with --fsdp: free each block's gathered weights after its forward and "
+                                                  "gather them again for backward (FULL_SHARD: less memory, more traffic); "
+                                                  "default keeps them (SHARD_GRAD_OP, as bigASP)")
     mem_eff_save: bool = opt(False, "write saved models tensor by tensor (peak extra RAM: one tensor)")
     save_precision: str | None = opt(help="dtype of saved weights (default: fp32 for LoRA, bf16 for full models)",
                                      choices=("fp32", "float", "fp16", "bf16"))

@@ -254,10 +254,19 @@ class Family(ABC):
     #: whether its LoRA files may hold text-encoder modules, merged by `merge_text_lora` (SDXL's lora_te1_ / lora_te2_)
     text_loras: bool = False
 
-    def full_state(self, module: torch.nn.Module, cfg) -> dict[str, torch.Tensor]:
+    def full_state(self, module: torch.nn.Module, cfg, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """What `flowtuner finetune` saves of the trained denoiser `module` (cfg: the run's config): its state dict
-        by default; a family whose users load whole checkpoints returns that file's tensors."""
-        return module.state_dict()
+        by default; a family whose users load whole checkpoints returns that file's tensors. `state`: the module's
+        state dict when it was gathered elsewhere (FSDP: the module itself holds only this process's shards)."""
+        return module.state_dict() if state is None else state
+
+    def fsdp_units(self, module: torch.nn.Module) -> list[torch.nn.Module]:
+        """The submodules of the denoiser `module` that FSDP2 shards as one unit each (their weights are gathered
+        together, just before they run); the rest stays in the root unit. Default: each block of `lora_blocks`."""
+        try:
+            return list(module.get_submodule(self.lora_blocks))
+        except AttributeError:
+            raise ConfigError(f"--fsdp: {self.name} names no block list to shard; run without --fsdp.") from None
 
     def lora_parts(self, weights: dict) -> tuple[dict, dict]:
         """(the denoiser's modules, the text encoder's modules) of a LoRA file's {module path: LoRAWeights}."""

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from flowtuner.errors import ConfigError
-from flowtuner.train import ddp
+from flowtuner.train import ddp, fsdp
 from flowtuner.train.lora_formats import write_lora_file
 from flowtuner.train.objective import per_sample_loss
 from flowtuner.train.state import capture_rng, save_state
@@ -79,8 +79,13 @@ class Saver:
         self.optimizer, self.schedule, self.gen = optimizer, schedule, gen
         self.out = trainer.out
         self.shard = trainer.shard
+        self.sharded = getattr(trainer, "fsdp", None) is not None  # FSDP2: every rank joins gathers and state writes
 
-    def _weights(self, stem: str, pos) -> Path:
+    def _gathered(self) -> dict | None:
+        """FSDP2: the full denoiser weights, gathered on rank 0 (every rank must call this); None otherwise."""
+        return fsdp.full_weights(self.denoiser.module) if self.sharded else None
+
+    def _weights(self, stem: str, pos, gathered: dict | None = None) -> Path:
         cfg = self.t.cfg
         path = self.out / f"{stem}.safetensors"
         dtype = SAVE_DTYPES.get(cfg.save_precision, torch.float32 if self.network is not None else torch.bfloat16)
@@ -90,7 +95,7 @@ class Saver:
         else:
             meta = {"modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": self.t.family.modelspec_architecture,
                     "modelspec.title": cfg.output_name, "ss_steps": str(pos.step)}
-            state = self.t.family.full_state(self.denoiser.module, cfg)
+            state = self.t.family.full_state(self.denoiser.module, cfg, gathered)
             if cfg.mem_eff_save:
                 stream_save_safetensors(state, path, meta, dtype)
             else:  # integer tensors (a checkpoint's position ids) keep their type
@@ -110,8 +115,17 @@ class Saver:
     def _state(self, stem: str, pos) -> Path:
         return save_state(self.out / f"{stem}-state", self.state_now(pos))
 
+    def _sharded_state(self, stem: str, pos) -> Path | None:
+        """FSDP2, every rank: the model and optimizer shards as DCP, the rest of the state beside them."""
+        rest = self.state_now(pos)
+        del rest["weights"], rest["optimizer"]
+        return fsdp.save_state(self.out / f"{stem}-state", self.module, self.optimizer, rest)
+
     def save_state_now(self, pos, tag: str) -> Path | None:
         """No barrier: an interrupted run's other ranks may be gone."""
+        if self.sharded:  # the shards live on every rank, which may be gone: the last saved state stays the one
+            log.warning("interrupted: an FSDP run saves no state on interrupt; resume from the last saved state")
+            return None
         return self._state(f"{self.t.cfg.output_name}-{tag}", pos) if ddp.is_main() else None
 
     def _prune(self, pattern: str, keep_from: int) -> None:
@@ -127,10 +141,13 @@ class Saver:
 
     def _save(self, stem: str, pos, prune: str, keep_last: int | None, counter: int) -> None:
         ddp.barrier()
+        gathered = self._gathered()
+        if self.sharded and self.t.cfg.save_state:
+            self._sharded_state(stem, pos)
         if not ddp.is_main():
             return
-        self._weights(stem, pos)
-        if self.t.cfg.save_state:
+        self._weights(stem, pos, gathered)
+        if self.t.cfg.save_state and not self.sharded:
             self._state(stem, pos)
         if keep_last:
             self._prune(prune, counter - keep_last + 1)
@@ -147,10 +164,13 @@ class Saver:
 
     def save_final(self, pos) -> Path | None:
         ddp.barrier()
+        gathered = self._gathered()
+        if self.sharded and self.t.cfg.save_state_on_train_end:
+            self._sharded_state(self.t.cfg.output_name, pos)
         if not ddp.is_main():
             return None
-        path = self._weights(self.t.cfg.output_name, pos)
-        if self.t.cfg.save_state_on_train_end:
+        path = self._weights(self.t.cfg.output_name, pos, gathered)
+        if self.t.cfg.save_state_on_train_end and not self.sharded:
             self._state(self.t.cfg.output_name, pos)
         self.t.write_curves(pos)
         return path

@@ -3,6 +3,7 @@ The objective (train/objective.py) is weighted by sigma with --weighting_scheme.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -27,7 +28,7 @@ from flowtuner.flow.timesteps import check_options, loss_weighting, sample_sigma
 from flowtuner.flow.weighting import WEIGHTINGS
 from flowtuner.generate import pick_device, release_cache
 from flowtuner import conditioning
-from flowtuner.train import checkpoints, ddp, previews
+from flowtuner.train import checkpoints, ddp, fsdp, previews
 from flowtuner.train.lora import LoRANetwork, kohya_name, select_modules
 from flowtuner.plan import startup_plan
 from flowtuner.train.offload import check_offload_flags, enable_checkpointing
@@ -116,10 +117,12 @@ class Trainer:
         self.out = Path(cfg.output_dir)
         self.version = __version__
         self.shard = ddp.shard_for(cfg)  # this process among the training processes (docs/scale.md)
+        self.fsdp = fsdp.requested(cfg)  # --fsdp or an accelerate config with fsdp_version: 2
         self.resumed = load_state(Path(cfg.resume)) if cfg.resume else None
         if self.resumed is not None:
             self.seed = self.resumed["seed"]  # the data order depends on it
             ddp.check_resume(self.resumed, cfg, self.shard)
+            fsdp.check_resume(self.resumed, cfg.resume, self.fsdp is not None)
 
     def timestep_draws(self) -> tuple[torch.Tensor, tuple[int, int], int]:
         """100k training sigmas at the first dataset's resolution (else 1024x1024), the resolution, its tokens."""
@@ -225,9 +228,12 @@ class Trainer:
                                           model=cfg.model, comfyui_dir=cfg.comfyui_dir)
         jobs = previews.sample_jobs(cfg.sample_prompts, self.family) if cfg.sample_prompts else []
         self.family.validate(paths, ("dit",) + (("text_encoder", "vae") if jobs else ()))
-        accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-                                  cpu=(cfg.device == "cpu") or (cfg.device is None and not torch.cuda.is_available()))
+        with fsdp.without_accelerate_fsdp() if self.fsdp else contextlib.nullcontext():
+            accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+                                      cpu=(cfg.device == "cpu") or (cfg.device is None and not torch.cuda.is_available()))
         ddp.setup(accelerator, self.shard)
+        if self.fsdp:
+            fsdp.check(self.fsdp, cfg, self.full)
         # several processes: each on the device accelerate gives it, whatever --device names
         device = accelerator.device if cfg.device is None or self.shard.world > 1 else pick_device(cfg.device)
         jobs = jobs if accelerator.is_main_process else []  # previews: main process only
@@ -247,7 +253,14 @@ class Trainer:
                                  else (), device, cfg.gradient_checkpointing_cpu_offload)
         network = self._network(denoiser)
         module = TrainModule(denoiser, network)
-        params = [p for p in module.parameters() if p.requires_grad]
+        trained = [n for n, p in module.named_parameters() if p.requires_grad]  # also those the probe freezes
+        if ddp.distributed():  # DDP (even of one process) fails on a parameter without gradient: a probe finds and freezes them
+            probe = lambda: self.loss(module, denoiser, data[plan.epoch(0)[0][:1]], torch.Generator().manual_seed(0), device)[0]  # noqa: E731
+            ddp.freeze_unreached(module, probe, accelerator.autocast)
+        if self.fsdp:  # the parameters become sharded ones (same names), before the optimizer sees them
+            fsdp.shard(self.family, denoiser.module, device, self.fsdp)
+        named = dict(module.named_parameters())
+        params = [named[n] for n in trained]
         ratio = network is not None and self.net_opts.loraplus_lr_ratio
         groups = network.loraplus_groups(cfg.learning_rate, ratio) if ratio else params  # LoRA+: lora_up at lr x ratio
         optimizer = make_optimizer(cfg.optimizer_type, groups, cfg.learning_rate, parse_kv(cfg.optimizer_args, "--optimizer_args"))
@@ -256,10 +269,11 @@ class Trainer:
             opts = replace(opts, samples_per_step=self._global_batch(plan).samples)
         schedule = make_schedule(cfg.lr_scheduler, optimizer, total, opts)
         fused = self._fused(optimizer, params)
-        if ddp.distributed():  # DDP (even of one process) fails on a parameter without gradient: a probe finds and freezes them
-            probe = lambda: self.loss(module, denoiser, data[plan.epoch(0)[0][:1]], torch.Generator().manual_seed(0), device)[0]  # noqa: E731
-            ddp.freeze_unreached(module, probe, accelerator.autocast)
-        module, optimizer = accelerator.prepare(module, optimizer)
+        if self.fsdp:  # accelerate wraps the optimizer (accumulation) and would wrap the module in DDP
+            optimizer = accelerator.prepare(optimizer)
+            fsdp.autocast_forward(module, accelerator)
+        else:
+            module, optimizer = accelerator.prepare(module, optimizer)
         gen = torch.Generator().manual_seed(self.seed)
         pos = self._resume(module, optimizer, schedule, gen) if self.resumed else Position()
         codec = self.family.load_codec(paths, device) if jobs else None
@@ -294,10 +308,13 @@ class Trainer:
                                 f"the loss became {loss.item()} at step {pos.step + 1} (items {', '.join(batch['keys'])}); "
                                 "stopped without updating the weights; the last saved checkpoint is intact. "
                                 "Lower --learning_rate or check those items.")
+                        if self.fsdp:
+                            fsdp.sync_gradients(denoiser.module, accelerator.sync_gradients)
                         accelerator.backward(loss)  # with --fused_backward_pass the weights update in here
                         clock.lap("backward")
                         if accelerator.sync_gradients and cfg.max_grad_norm and not fused:
-                            accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                            clip = fsdp.clip_grad_norm_ if self.fsdp else accelerator.clip_grad_norm_
+                            clip(params, cfg.max_grad_norm)
                         optimizer.step()  # a no-op after a fused backward: every gradient is already used and freed
                         optimizer.zero_grad(set_to_none=True)
                         clock.lap("optimizer")
@@ -385,11 +402,14 @@ class Trainer:
     def _resume(self, module, optimizer, schedule, gen) -> Position:
         state, folder = self.resumed, self.cfg.resume
         module = ddp.unwrap(module)  # the saved keys carry no DDP prefix
-        missing = set(module.state_dict()) - set(state["weights"])
-        if missing:
-            raise FlowtunerError(f"--resume {folder}: the saved weights do not match this run (e.g. {sorted(missing)[0]}).")
-        module.load_state_dict(state["weights"], strict=False)
-        optimizer.load_state_dict(state["optimizer"])
+        if self.fsdp:  # weights and optimizer from the sharded folder, resharded for this world size
+            fsdp.load_state(Path(folder), module, optimizer)
+        else:
+            missing = set(module.state_dict()) - set(state["weights"])
+            if missing:
+                raise FlowtunerError(f"--resume {folder}: the saved weights do not match this run (e.g. {sorted(missing)[0]}).")
+            module.load_state_dict(state["weights"], strict=False)
+            optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         gen.set_state(state["generator"])
         restore_rng(state["rng"])

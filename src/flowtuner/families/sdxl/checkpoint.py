@@ -133,12 +133,13 @@ def prediction_markers(path: str | Path) -> tuple[str, ...]:
 
 # ---- writing ----------------------------------------------------------------------------------------------------
 
-def ldm_state(unet, vae, clip_l, clip_g) -> Iterator[tuple[str, torch.Tensor]]:
-    """(single-file key, tensor) for the four components, views of their weights wherever the layouts agree."""
+def ldm_state(unet, vae, clip_l, clip_g, unet_state=None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(single-file key, tensor) for the four components, views of their weights wherever the layouts agree;
+    `unet_state`: the UNet's state dict when gathered elsewhere (FSDP)."""
     from flowtuner.families.sdxl.text_models import canonical_clip_state
 
     parts = (
-        ("unet", unet.state_dict(), K.unet_table(K.UNetLayout.from_config(unet.config))),
+        ("unet", unet.state_dict() if unet_state is None else unet_state, K.unet_table(K.UNetLayout.from_config(unet.config))),
         ("vae", vae.state_dict(), K.vae_table(K.VAELayout.from_config(vae.config))),
         ("clip_l", canonical_clip_state(clip_l), K.clip_l_table()),
         ("clip_g", canonical_clip_state(clip_g), K.clip_g_table(clip_g.config.num_hidden_layers)),

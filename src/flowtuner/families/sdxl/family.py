@@ -161,11 +161,17 @@ class SDXLFamily(Family):
 
     text_loras = True  # kohya's lora_te1_ / lora_te2_ modules
 
-    def full_state(self, module: torch.nn.Module, cfg) -> dict[str, torch.Tensor]:
+    def full_state(self, module: torch.nn.Module, cfg, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """A whole ldm single-file checkpoint (families/sdxl/save.py): what ComfyUI and A1111 load."""
         from flowtuner.families.sdxl.save import full_state
 
-        return full_state(self, module, cfg)
+        return full_state(self, module, cfg, state)
+
+    def fsdp_units(self, module: torch.nn.Module) -> list[torch.nn.Module]:
+        """Every attention (Transformer2DModel) and resnet of the down, mid and up blocks, as bigASP wrapped the UNet;
+        the samplers, time embedding and conv_in / conv_out stay in the root."""
+        blocks = [*module.down_blocks, module.mid_block, *module.up_blocks]
+        return [unit for block in blocks for part in ("attentions", "resnets") for unit in getattr(block, part, None) or ()]
 
     def lora_parts(self, weights: dict) -> tuple[dict, dict]:
         from flowtuner.families.sdxl.lora import text_parts

@@ -30,7 +30,7 @@ def _has(path, component: str) -> bool:
     return True
 
 
-def full_state(family, unet: torch.nn.Module, cfg) -> dict[str, torch.Tensor]:
+def full_state(family, unet: torch.nn.Module, cfg, unet_state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     from flowtuner.families.sdxl.text_models import load_text_encoders
     from flowtuner.families.sdxl.vae import load_vae
 
@@ -39,10 +39,10 @@ def full_state(family, unet: torch.nn.Module, cfg) -> dict[str, torch.Tensor]:
     if not (_has(paths.vae, "vae") and _has(paths.text_encoder, "clip_l") and _has(paths.text_encoder, "clip_g")):
         log.warning("no VAE / text encoders in this run's files: saving the UNet alone (ldm names)")
         table = K.unet_table(K.UNetLayout.from_config(unet.config))
-        state = unet.state_dict()
+        state = unet.state_dict() if unet_state is None else unet_state
         return {K.PREFIXES["unet"] + k: v for k, v in K.to_ldm_items(state.keys(), state.__getitem__, table, "unet")}
     vae = load_vae(paths.vae, "cpu")
     clip_l, clip_g = load_text_encoders(paths.text_encoder, "cpu")
-    state = dict(ldm_state(unet, vae, clip_l, clip_g))
+    state = dict(ldm_state(unet, vae, clip_l, clip_g, unet_state))
     markers = MARKERS[family.prediction_type] + (("ztsnr",) if family.zsnr else ())
     return state | {m: torch.tensor([]) for m in markers}
