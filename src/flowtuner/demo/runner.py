@@ -95,7 +95,7 @@ def _prompted(prompt: str, edit: bool) -> tuple[str, str]:
 
 
 def run_demo(cfg: DemoConfig) -> dict:
-    cfg.check()
+    cfg = cfg.check()
     out = Path(cfg.output_dir)
     if out.exists():
         shutil.rmtree(out)
