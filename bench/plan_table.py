@@ -1,8 +1,9 @@
 """The issue-11 figures table: planned peak VRAM of a Qwen-Image (20B) LoRA at 1024², batch 1, bf16, gradient
-checkpointing, rank 16, 256 text tokens, for musubi-tuner's published rows, with the ratio to musubi's figure and
+checkpointing, rank 16, 256 text tokens, AdamW8bit (the optimizer of musubi-tuner's documented LoRA command), for
+musubi-tuner's published rows, with the ratio to musubi's figure and
 the issue's goal. Each row is `flowtuner plan train --model_version original ... --json` (no weights needed).
 
-    OMP_NUM_THREADS=1 python bench/plan_table.py [--network_dim 16] [--offload]
+    OMP_NUM_THREADS=1 python bench/plan_table.py [--network_dim 16] [--optimizer_type adamw8bit] [--offload]
 """
 
 from __future__ import annotations
@@ -41,9 +42,10 @@ def plan(flags: tuple[str, ...], dim: int, extra: list[str]) -> dict:
 def main_() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--network_dim", type=int, default=16)
+    ap.add_argument("--optimizer_type", default="adamw8bit", help="adamw8bit (musubi-tuner's example), adamw, adafactor")
     ap.add_argument("--offload", action="store_true", help="every row with --gradient_checkpointing_cpu_offload too")
     args = ap.parse_args()
-    args.extra = ["--gradient_checkpointing_cpu_offload"] if args.offload else []
+    args.extra = ["--optimizer_type", args.optimizer_type] + (["--gradient_checkpointing_cpu_offload"] if args.offload else [])
     print("| options | flowtuner planned device peak | components (GiB) | host peak | musubi-tuner | ratio | goal |")
     print("|---|---|---|---|---|---|---|")
     for name, (flags, musubi, goal) in ROWS.items():

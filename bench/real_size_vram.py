@@ -95,6 +95,39 @@ def step(config: dict, name: str, device: torch.device, size: int, rank: int, te
     return torch.cuda.max_memory_allocated() / GIB
 
 
+def peak_breakdown(top: int = 14) -> None:
+    """What is alive at the largest allocated total of the recorded history, grouped by the innermost frame in
+    flowtuner / diffusers / torch.nn code (where it was allocated)."""
+    trace = torch.cuda.memory._snapshot()["device_traces"][0]
+    live, total, best, best_at = {}, 0, -1, 0
+    for i, e in enumerate(trace):
+        if e["action"] == "alloc":
+            live[e["addr"]] = e
+            total += e["size"]
+        elif e["action"] == "free_requested" and e["addr"] in live:
+            total -= live.pop(e["addr"])["size"]
+        if total > best:
+            best, best_at = total, i
+    live = {}
+    for e in trace[: best_at + 1]:
+        if e["action"] == "alloc":
+            live[e["addr"]] = e
+        elif e["action"] == "free_requested":
+            live.pop(e["addr"], None)
+    groups: dict[str, list[int]] = {}
+    for e in live.values():
+        frames = e.get("frames") or []
+        frame = next((f for f in frames if any(k in f["filename"] for k in ("flowtuner", "diffusers", "torch/nn", "bench"))),
+                     frames[0] if frames else {"filename": "?", "line": 0, "name": "?"})
+        key = f"{frame['filename'].split('site-packages/')[-1].split('.devrepo/')[-1]}:{frame['line']} {frame['name']}"
+        g = groups.setdefault(key, [0, 0])
+        g[0] += e["size"]
+        g[1] += 1
+    print(f"  peak of the recorded history: {best / GIB:.2f} GiB (events {best_at}/{len(trace)})", flush=True)
+    for key, (size, count) in sorted(groups.items(), key=lambda kv: -kv[1][0])[:top]:
+        print(f"  {size / GIB:8.3f} GiB {count:6d}x  {key}", flush=True)
+
+
 def planned(name: str, layers: int, size: int, rank: int, text: int) -> float:
     fp8, swap, offload = CONFIGS[name]
     argv = ["plan", "train", "--model_version", "original", "--mixed_precision", "bf16", "--gradient_checkpointing",
@@ -119,6 +152,7 @@ def run() -> None:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--text_tokens", type=int, default=256)
     ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--snapshot", action="store_true", help="CUDA: print what is alive at the peak, by allocation site")
     args = ap.parse_args()
     device = torch.device(args.device)
     config = {**PUBLISHED_DIT, "num_layers": args.layers, "num_attention_heads": args.width // 128}
@@ -128,7 +162,12 @@ def run() -> None:
     print(f"{'row':12} {'measured GiB':>13} {'planned GiB':>12} {'measured/planned':>17} {'s':>6}", flush=True)
     for name in args.configs.split(","):
         t = time.perf_counter()
+        if args.snapshot:
+            torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
         measured = step(config, name, device, args.size, args.rank, args.text_tokens)
+        if args.snapshot:
+            peak_breakdown()
+            torch.cuda.memory._record_memory_history(enabled=None)
         plan = planned(name, args.layers, args.size, args.rank, args.text_tokens) if real else float("nan")
         print(f"{name:12} {measured:13.2f} {plan:12.2f} {measured / plan:17.3f} {time.perf_counter() - t:6.1f}", flush=True)
         gc.collect()  # the swap hooks hold the last model in reference cycles

@@ -60,11 +60,13 @@ def measure_lora(s: PlanSettings, host: bool = False):
         denoiser = QwenImageDenoiser(model)
         x0, noise, sigma, cond, geometry = _inputs(spec_stub(), s, denoiser)
         autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=s.mixed_precision == "bf16")
-        with autocast:
-            loss = per_sample_loss(lambda *a: denoiser.predict(*a), x0, noise, sigma, cond, geometry).mean()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
+        for _ in range(2):  # the second step is the one a run repeats: the optimizer state lives through it
+            with autocast:
+                loss = per_sample_loss(lambda *a: denoiser.predict(*a), x0, noise, sigma, cond, geometry).mean()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
     return (tracker.peak, tracker.host_peak) if host else tracker.peak
 
 
@@ -95,16 +97,23 @@ def test_finetune_plan_matches_torch_mem_tracker(dit_file, capsys):
     model = tiny_dit(layers=LAYERS).train().requires_grad_(True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
     denoiser = QwenImageDenoiser(model)
-    tracker = MemTracker()
-    tracker.track_external(model, optimizer)
-    with tracker:
-        x0, noise, sigma, cond, geometry = _inputs(spec_stub(), settings("finetune"), denoiser)
+    x0, noise, sigma, cond, geometry = _inputs(spec_stub(), settings("finetune"), denoiser)
+
+    def step():
         per_sample_loss(lambda *a: denoiser.predict(*a), x0, noise, sigma, cond, geometry).mean().backward()
         torch.nn.utils.clip_grad_norm_(list(model.parameters()), 1.0)
         optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()  # measured: the second step, the one a run repeats (the optimizer state lives through it)
+    tracker = MemTracker()
+    tracker.track_external(model, optimizer)
+    with tracker:
+        step()
     real = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
     assert plan["device_peak_gib"] * 1024**3 == pytest.approx(real, rel=0.10)
-    assert plan["components"]["gradients"] > 0 and plan["components"]["optimizer_state"] > 0
+    # at this tiny size the steady-state peak is the forward's end (activations beat the gradients), with AdamW's state
+    assert plan["components"]["optimizer_state"] > 0 and plan["components"]["weights"] > 0
 
 
 def test_generate_plan_matches_a_measured_call(dit_file, capsys):

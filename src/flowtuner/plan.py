@@ -252,6 +252,16 @@ def _inputs(spec: PlanSpec, s: PlanSettings, denoiser):
     return torch.zeros(shape), torch.randn(shape), torch.full((s.batch,), 0.5), cond, geometry
 
 
+def _settle(optimizer, params) -> None:
+    """One optimizer step on zero gradients, then the gradients dropped: the step every run repeats after its
+    first has the optimizer state alive through forward and backward (a first step creates it only after the
+    backward peak; planning that one missed AdamW's 2x LoRA bytes, measured on an H200: docs/memory.md)."""
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def _train_step(spec: PlanSpec, s: PlanSettings, blocks: int, tracker: LiveStorages):
     """The training step as train/loop.py runs it: LoRA (or all weights), autocast, loss, backward, clipping,
     optimizer step."""
@@ -271,6 +281,7 @@ def _train_step(spec: PlanSpec, s: PlanSettings, blocks: int, tracker: LiveStora
     params = [p for p in (model if full else network).parameters() if p.requires_grad]
     traced, _ = OPTIMIZERS[s.optimizer]
     optimizer = make_optimizer(traced, params, 1e-4, {})
+    _settle(optimizer, params)
     x0, noise, sigma, cond, geometry = _inputs(spec, s, denoiser)
     dtype = PRECISIONS[s.mixed_precision]
     autocast = torch.autocast("cpu", dtype=dtype) if dtype is not None else nullcontext()
