@@ -42,6 +42,7 @@ from flowtuner.weights.fp8 import SCALED_DEFAULT, quantise_module  # noqa: E402
 from flowtuner.weights.materialize import build_empty  # noqa: E402
 
 GIB = 2**30
+STEPS_TIMED = 2
 # row name -> (fp8_scaled, blocks_to_swap, activation offload)
 CONFIGS = {"none": (False, 0, False), "fp8_scaled": (True, 0, False), "swap16": (True, 16, False),
            "swap45": (True, 45, False), "offload": (True, 0, True)}
@@ -61,8 +62,14 @@ def build(config: dict, device: torch.device, fp8: bool) -> QwenImageTransformer
     return model
 
 
-def step(config: dict, name: str, device: torch.device, size: int, rank: int, text: int) -> float:
-    """Peak device GiB of the second of two LoRA steps (the first allocates AdamW's state)."""
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def step(config: dict, name: str, device: torch.device, size: int, rank: int, text: int) -> tuple[float, float]:
+    """(peak device GiB from the second LoRA step on (the first allocates AdamW's state), seconds per step of the
+    steps after the second)."""
     fp8, swap, offload = CONFIGS[name]
     model = build(config, device, fp8)
     if swap:  # as loaded for --blocks_to_swap: the model on the host, then all but the streamed blocks moved over
@@ -80,19 +87,24 @@ def step(config: dict, name: str, device: torch.device, size: int, rank: int, te
     x = torch.randn(1, geometry.image_tokens, 64, generator=g).to(device)
     cond = Conditioning(torch.randn(1, text, config["joint_attention_dim"], generator=g).to(device))
     autocast = torch.autocast(device.type, torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    for i in range(2):
+    seconds = []
+    for i in range(2 + STEPS_TIMED):
         if i == 1 and device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
+        sync(device)
+        t = time.perf_counter()
         with autocast:
             loss = (denoiser.predict(x, torch.tensor([0.5]), cond, geometry) - x).square().mean()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        sync(device)
+        seconds.append(time.perf_counter() - t)
+    step_s = sum(seconds[2:]) / STEPS_TIMED
     if device.type != "cuda":
-        return float("nan")
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() / GIB
+        return float("nan"), step_s
+    return torch.cuda.max_memory_allocated() / GIB, step_s
 
 
 def peak_breakdown(top: int = 14) -> None:
@@ -159,17 +171,18 @@ def run() -> None:
     real = args.layers == PUBLISHED_DIT["num_layers"] and args.width == 3072
     print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else device}; torch {torch.__version__}; "
           f"{args.layers} blocks, width {args.width}, {args.size}², LoRA rank {args.rank}, bf16, checkpointing", flush=True)
-    print(f"{'row':12} {'measured GiB':>13} {'planned GiB':>12} {'measured/planned':>17} {'s':>6}", flush=True)
+    print(f"{'row':12} {'measured GiB':>13} {'planned GiB':>12} {'measured/planned':>17} {'s/step':>7} {'row s':>6}", flush=True)
     for name in args.configs.split(","):
         t = time.perf_counter()
         if args.snapshot:
             torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
-        measured = step(config, name, device, args.size, args.rank, args.text_tokens)
+        measured, step_s = step(config, name, device, args.size, args.rank, args.text_tokens)
         if args.snapshot:
             peak_breakdown()
             torch.cuda.memory._record_memory_history(enabled=None)
         plan = planned(name, args.layers, args.size, args.rank, args.text_tokens) if real else float("nan")
-        print(f"{name:12} {measured:13.2f} {plan:12.2f} {measured / plan:17.3f} {time.perf_counter() - t:6.1f}", flush=True)
+        print(f"{name:12} {measured:13.2f} {plan:12.2f} {measured / plan:17.3f} {step_s:7.2f} {time.perf_counter() - t:6.1f}",
+              flush=True)
         gc.collect()  # the swap hooks hold the last model in reference cycles
         if device.type == "cuda":
             torch.cuda.empty_cache()
