@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from flowtuner.families.base import Conditioning
-from flowtuner.families.sdxl.denoiser import SDXLDenoiser, flow_sigma, parametrisation, ve_sigma
+from flowtuner.families.sdxl.denoiser import SDXLDenoiser, parametrisation
+from flowtuner.flow.convention import flow_sigma, ve_sigma
 from flowtuner.families.sdxl.family import SHIFT_LINE, SDXLFamily
 from flowtuner.flow.discrete import PREDICTIONS, as_sampler_model, discrete, noise_scaling
 from flowtuner.flow.samplers import SAMPLERS, VE

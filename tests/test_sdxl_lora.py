@@ -281,3 +281,29 @@ def test_unet_only_run_saves_the_unet_and_v_models_are_marked(models, tmp_path):
     family.prediction_type = "v"
     full = M.write_single_file(tmp_path / "full.safetensors", *models)
     assert "v_pred" in family.full_state(unet, _finetune_cfg(full))
+
+
+def test_save_merged_model_writes_the_checkpoint_layout_and_refuses_text_modules(models, single, lora_file, tmp_path,
+                                                                                 capsys):
+    """generate --save_merged_model on SDXL: a UNet-only LoRA merges into an ldm single file (VAE and CLIPs beside
+    the merged UNet); a LoRA with text-encoder modules is refused in one line (the file would silently lose them)."""
+    from flowtuner.cli import main
+    from flowtuner.families.sdxl.unet import load_unet
+
+    path, weights = lora_file
+    unet_only = tmp_path / "unet_only.safetensors"
+    write_lora_file({k: w for k, w in weights.items() if not k.startswith(tuple(TE_PREFIX.values()))}, unet_only,
+                    "kohya", {}, names=NAMES)
+    base = ["generate", "--model_version", "sdxl", "--dit", str(single), "--prompt", "x"]
+    out = tmp_path / "merged.safetensors"
+    assert main([*base, "--lora_weight", str(unet_only), "--save_merged_model", str(out)]) == 0
+    saved = load_file(out)
+    assert any(k.startswith("first_stage_model.") for k in saved) and any(k.startswith("conditioner.embedders.1.") for k in saved)
+    expected = merged_unet(models[0], {k: w for k, w in weights.items() if not k.startswith(tuple(TE_PREFIX.values()))})
+    got = load_unet(out)
+    for name, p in expected.state_dict().items():
+        torch.testing.assert_close(got.state_dict()[name], p, atol=1e-6, rtol=1e-5)
+    capsys.readouterr()
+    assert main([*base, "--lora_weight", str(path), "--save_merged_model", str(tmp_path / "no.safetensors")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "text-encoder modules" in err and "\n" not in err and not (tmp_path / "no.safetensors").exists()

@@ -151,9 +151,16 @@ def load_denoiser_with_loras(family: Family, paths: ModelPaths, device, attn_mod
 def save_merged(family: Family, paths: ModelPaths, cfg: GenerateConfig) -> Path:
     from flowtuner.weights import atomic_save_safetensors
 
+    from flowtuner.train.lora_formats import read_lora_file
+
+    for file, _ in lora_pairs(cfg):
+        if family.lora_parts(read_lora_file(file, *family.lora_names()))[1]:
+            raise ConfigError(f"--save_merged_model: {file} has text-encoder modules, which a merged file would lose "
+                              "(only the denoiser is merged); pass --lora_weight at generation instead.")
     denoiser = load_denoiser_with_loras(family, paths, torch.device("cpu"), "torch", lora_pairs(cfg))
     out = Path(cfg.save_merged_model)
-    atomic_save_safetensors({k: v for k, v in denoiser.module.state_dict().items()}, out,
+    # the family's file layout: the state dict (Qwen-Image), an ldm single file with VAE and text encoders (SDXL)
+    atomic_save_safetensors(dict(family.full_state(denoiser.module, cfg)), out,
                             {"merged_loras": ", ".join(f"{f} x{m}" for f, m in lora_pairs(cfg))})
     return out
 

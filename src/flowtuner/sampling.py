@@ -279,6 +279,11 @@ def model_patches(denoiser: Denoiser, job: Job) -> ExitStack:
 
 
 @torch.no_grad()
+def records_attention(denoiser: Denoiser) -> bool:
+    """Whether the denoiser's family records self-attention (SAG reads it); the base class only refuses."""
+    return type(denoiser).record_self_attention is not Denoiser.record_self_attention
+
+
 def sample_job(denoiser: Denoiser, family: Family, job: Job, conds: dict[tuple, Conditioning], on_step=None,
                init: InitImage | None = None) -> list[tuple[Job, int, torch.Tensor]]:
     geometry = denoiser.geometry(job.height, job.width)
@@ -290,13 +295,15 @@ def sample_job(denoiser: Denoiser, family: Family, job: Job, conds: dict[tuple, 
     model = guided_model(space.model(lambda x, s, c: denoiser.predict(x, s, c, geometry)), conds[key], uncond,
                          job.guidance_scale, denoiser.feature_dim, cfg=job.cfg_mode, methods=hooks,
                          grid=denoiser.grid(geometry), perturb=denoiser.perturbed_attention, layout=job.guidance_layout,
-                         record=denoiser.record_self_attention)
+                         record=denoiser.record_self_attention if records_attention(denoiser) else None)
     device = denoiser.device  # the sampler state lives where the model's outputs do
     source = None if init is None else denoiser.from_latents(init.latents)[0].to(device, torch.float32)
     mask_at = (None if init is None or init.mask is None
                else mask_function(job, denoiser.from_latents(init.mask)[0].to(device), sigmas, floor))
     steps = space.sigmas(sigmas)
-    callback = None if on_step is None else lambda i, x, s: on_step(i, space.flow_state(x, float(s)), float(sigmas[i]))
+    # samplers call back after step i with x already at steps[i + 1]: that sigma converts it to the flow state
+    callback = None if on_step is None else (
+        lambda i, x, s: on_step(i, space.flow_state(x, float(steps[i + 1])), float(sigmas[i])))
     out = []
     with model_patches(denoiser, job):
         for seed in range(job.seed, job.seed + job.num_images):

@@ -88,7 +88,8 @@ class Passes:
         self.run_uncond = uncond is not None and runs_uncond(scale, methods)
         reader = next((name for name, _ in methods if METHODS[name].reads_attention), None)
         if reader and record is None:
-            raise ConfigError(f"--guidance {reader}: this model family records no self-attention to read; drop it.")
+            raise ConfigError(f"--guidance {reader}: reads a UNet's middle-block self-attention, which this model has "
+                              "none of; drop it (pag gives structure guidance on any family).")
         self.record = record if reader else None
         needy = next((name for name, _ in methods if METHODS[name].needs_uncond), None)
         if needy and uncond is None:

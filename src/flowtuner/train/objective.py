@@ -23,13 +23,8 @@ from torch import nn
 
 from flowtuner.errors import ConfigError
 from flowtuner.families.base import Conditioning, LatentGeometry
-from flowtuner.flow.convention import noisy, velocity_target
+from flowtuner.flow.convention import noisy, velocity_target, vp_coefficients
 from flowtuner.flow.discrete import discrete
-
-
-def _vp(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    r = ((1 - sigma) ** 2 + sigma**2).sqrt()
-    return (1 - sigma) / r, sigma / r
 
 
 def _eps_hat(x_t, v, sigma):
@@ -37,12 +32,12 @@ def _eps_hat(x_t, v, sigma):
 
 
 def _vp_velocity_hat(x_t, v, sigma):
-    a, s = _vp(sigma)
+    a, s = vp_coefficients(sigma)
     return a * _eps_hat(x_t, v, sigma) - s * (x_t - sigma * v)
 
 
 def _vp_velocity(x0, noise, sigma):
-    a, s = _vp(sigma)
+    a, s = vp_coefficients(sigma)
     return a * noise - s * x0
 
 

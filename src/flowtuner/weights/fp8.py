@@ -225,7 +225,8 @@ class Fp8LinearFunction(torch.autograd.Function):
 
 class Fp8Linear(nn.Linear):
     """An nn.Linear (LoRA selection, hooks and state-dict keys see an ordinary Linear) whose weight is fp8.
-    `scale_weight` (a per-tensor buffer) exists only for ComfyUI fp8_scaled files loaded as they are."""
+    `scale_weight` (a buffer) exists for scaled weights: per tensor (ComfyUI fp8_scaled files, kept as they are), per
+    output channel (--fp8_scaled), per row block or tile (musubi-tuner's layouts); `scale_shape` lists them."""
 
     scale_weight: torch.Tensor | None
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from flowtuner.families.base import Conditioning, Denoiser, LatentGeometry
+from flowtuner.flow.convention import ve_sigma, vp_coefficients
 from flowtuner.flow.discrete import DiscreteSampling, discrete
 
 VAE_FACTOR = 8
@@ -45,22 +46,6 @@ class Parametrisation:
 
 def _flow_inputs(x: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x, sigma.reshape(-1) * FLOW_MULTIPLIER  # the one x1000 of the flow UNet
-
-
-def vp_coefficients(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(a, s) of the VP path through flow sigma: a = (1 - sigma) / r, s = sigma / r, r = sqrt((1 - sigma)^2 + sigma^2)."""
-    r = ((1 - sigma) ** 2 + sigma**2).sqrt()
-    return (1 - sigma) / r, sigma / r
-
-
-def ve_sigma(sigma: torch.Tensor) -> torch.Tensor:
-    """The VE / DDPM-table sigma s / a of flow sigma (infinite at 1)."""
-    return sigma / (1 - sigma)
-
-
-def flow_sigma(sigma_ve: torch.Tensor) -> torch.Tensor:
-    """Inverse of `ve_sigma`: sigma_VE / (1 + sigma_VE)."""
-    return sigma_ve / (1 + sigma_ve)
 
 
 def _discrete_inputs(table: DiscreteSampling):

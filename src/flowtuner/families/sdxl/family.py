@@ -25,7 +25,8 @@ from flowtuner.errors import ConfigError, FlowtunerError
 from flowtuner.families.base import Conditioning, Family, ModelPaths, PromptVariants
 from flowtuner.families.paths import comfyui_root, require
 from flowtuner.families.sdxl.codec import SDXLCodec
-from flowtuner.families.sdxl.denoiser import LATENT_CHANNELS, VAE_FACTOR, SDXLDenoiser, flow_sigma, parametrisation
+from flowtuner.families.sdxl.denoiser import LATENT_CHANNELS, VAE_FACTOR, SDXLDenoiser, parametrisation
+from flowtuner.flow.convention import flow_sigma
 from flowtuner.flow.schedules import ShiftLine
 
 #: the recipe's training shift (bigASP v2.5: FlowMatchEulerDiscreteScheduler(shift=3)), as a flat mu line
