@@ -141,7 +141,7 @@ def test_text_encoder_cpu_flag_runs_encoder_on_cpu(tiny_files, tmp_path, monkeyp
     seen = {}
     original = generate.encode_prompts
     monkeypatch.setattr(generate, "encode_prompts",
-                        lambda fam, paths, jobs, device: seen.setdefault("te", device) and original(fam, paths, jobs, device))
+                        lambda fam, paths, jobs, device, *a: seen.setdefault("te", device) and original(fam, paths, jobs, device, *a))
     monkeypatch.setattr(generate, "sample_all", lambda fam, paths, jobs, conds, device, *a: seen.setdefault("dit", device) and [])
     args = ["generate", "--model", str(tiny_files["repo"]), "--prompt", "x", "--image_size", "32", "32",
             "--save_path", str(tmp_path), "--output_type", "latent", "--device", "meta"]

@@ -1,9 +1,11 @@
 """Cache shards (data/streaming.py) against a real S3-compatible server: moto's server mode, started here as a
 subprocess on a free loopback port and stopped after. `--to_shards` writes them, training reads them, and the
-weights equal training from the local caches; an unreachable store is one line after bounded retries."""
+weights equal training from the local caches; the local shards cache makes a warm run GET no data file, evicts
+beyond its limit and re-fetches a damaged copy; an unreachable store is one line after bounded retries."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -21,6 +23,7 @@ from tests.shared import missing
 
 BUCKET = "flowtuner-shards"
 SERVER_START_S = 30
+RECORDINGS: dict[str, Path] = {}  # server URL -> the file moto's recorder appends each request to
 
 
 def free_port() -> int:
@@ -30,8 +33,9 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def s3_server():
-    """http://127.0.0.1:PORT of a moto S3 server holding an empty bucket."""
+def s3_server(tmp_path_factory):
+    """http://127.0.0.1:PORT of a moto S3 server holding an empty bucket; it can record the requests it serves
+    (moto's recorder, see `requests_made`)."""
     try:
         import boto3
         import lance  # noqa: F401 - the library the shards are written with
@@ -39,8 +43,10 @@ def s3_server():
     except ModuleNotFoundError as exc:
         missing(f"{exc.name} is not installed (pip install -e '.[test]')")
     port = free_port()
+    env = {**os.environ, "MOTO_RECORDER_FILEPATH": str(tmp_path_factory.mktemp("moto") / "requests.jsonl")}
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    RECORDINGS[f"http://127.0.0.1:{port}"] = Path(env["MOTO_RECORDER_FILEPATH"])
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + SERVER_START_S
@@ -85,17 +91,66 @@ def cached(tmp_path_factory, tiny_files):
     return cfg
 
 
-def shards_config(path: Path, url: str) -> Path:
+def shards_config(path: Path, url: str, extra: str = "") -> Path:
     """The dataset config a training machine without the images uses: the bucket settings and the shards."""
     return write_config(path, f"""
 [general]
 resolution = [64, 64]
 enable_bucket = true
 batch_size = 2
+{extra}
 
 [[datasets]]
 shards = "{url}"
 """)
+
+
+@pytest.fixture(autouse=True)
+def fresh_process_state():
+    """Each training run here opens its shards as a new process would (the stores are kept per process)."""
+    from flowtuner.data import streaming
+
+    yield
+    streaming._OPEN.clear()
+    streaming._STORES.clear()
+
+
+def data_gets(server: str, run) -> list[tuple[str, str | None]]:
+    """(data file name, Range header) of each GET of a Lance data file (`data/*.lance`) that `run()` makes."""
+    import urllib.request
+
+    for action in ("reset-recording", "start-recording"):
+        urllib.request.urlopen(urllib.request.Request(f"{server}/moto-api/recorder/{action}", method="POST")).read()
+    try:
+        run()
+    finally:
+        urllib.request.urlopen(urllib.request.Request(f"{server}/moto-api/recorder/stop-recording", method="POST")).read()
+    entries = [json.loads(line) for line in RECORDINGS[server].read_text().splitlines() if line.strip()]
+    gets = []
+    for e in entries:
+        path = e["url"].split("?")[0]
+        if e["method"] == "GET" and "/data/" in path and path.endswith(".lance"):
+            gets.append((path.rsplit("/", 1)[1], next((v for k, v in e["headers"].items() if k.lower() == "range"), None)))
+    return gets
+
+
+def whole(gets, url: str) -> list[str]:
+    """The data files fetched whole (what the shards cache does), as opposed to Lance's ranged reads of columns."""
+    from flowtuner.data import streaming
+
+    sizes = dict(f for files in fresh(lambda: streaming.shard_store(url, "none").files) for f in files)
+    return [name for name, rng in gets if rng in (None, f"bytes=0-{sizes[name] - 1}")]
+
+
+def fresh(run):
+    """run(), then forget the open stores, as the end of a process does."""
+    from flowtuner.data import streaming
+
+    try:
+        return run()
+    finally:
+        streaming._OPEN.clear()
+        streaming._STORES.clear()
 
 
 def train(cfg: Path, tiny_files, out: Path, *extra) -> int:
@@ -104,18 +159,68 @@ def train(cfg: Path, tiny_files, out: Path, *extra) -> int:
                  "--max_train_steps", "2", *extra])
 
 
+def assert_same_lora(a: Path, b: Path) -> None:
+    x, y = load_file(str(a / "lora.safetensors")), load_file(str(b / "lora.safetensors"))
+    assert x.keys() == y.keys()
+    assert any(v.abs().sum() > 0 for k, v in x.items() if "lora_up" in k)  # it trained
+    assert all(torch.equal(x[k], y[k]) for k in x)
+
+
 def test_lora_trained_from_s3_shards_equals_training_from_the_local_caches(tmp_path, cached, tiny_files, s3_env, capsys):
     url = f"s3://{BUCKET}/x"
     assert main(["cache-text", "--dataset_config", str(cached), "--model", str(tiny_files["repo"]), "--device", "cpu",
                  "--to_shards", url]) == 0
     assert f"shards: 6 items written to {url}" in capsys.readouterr().out
     assert train(cached, tiny_files, tmp_path / "local", "--max_data_loader_n_workers", "0") == 0
-    # reader threads over the store: the same batches in the same order
-    assert train(shards_config(tmp_path / "s3.toml", url), tiny_files, tmp_path / "s3", "--max_data_loader_n_workers", "2") == 0
-    local, streamed = load_file(str(tmp_path / "local/lora.safetensors")), load_file(str(tmp_path / "s3/lora.safetensors"))
-    assert local.keys() == streamed.keys()
-    assert any(v.abs().sum() > 0 for k, v in local.items() if "lora_up" in k)  # it trained
-    assert all(torch.equal(local[k], streamed[k]) for k in local)
+    cache = tmp_path / "shards-cache"
+    cfg = shards_config(tmp_path / "s3.toml", url, f'shards_cache = "{cache}"')
+    # reader threads over the store, through the local cache: the same batches in the same order
+    cold = data_gets(s3_env, lambda: fresh(lambda: train(cfg, tiny_files, tmp_path / "s3", "--max_data_loader_n_workers", "2")))
+    assert_same_lora(tmp_path / "local", tmp_path / "s3")
+    files = sorted((cache).glob("*/data/*.lance"))
+    assert len(files) == 1 and len(whole(cold, url)) == 1  # one data file (6 small rows), fetched whole with one GET
+    # warm: a new run reads the local copy (and the index it kept) and GETs no data file
+    warm = data_gets(s3_env, lambda: fresh(lambda: train(cfg, tiny_files, tmp_path / "warm", "--max_data_loader_n_workers", "0")))
+    assert warm == []
+    assert_same_lora(tmp_path / "local", tmp_path / "warm")
+    # a partial copy (an interrupted write outside flowtuner's temp + rename, a full disk) is fetched again
+    files[0].write_bytes(files[0].read_bytes()[:-100])
+    again = data_gets(s3_env, lambda: fresh(lambda: train(cfg, tiny_files, tmp_path / "again", "--max_data_loader_n_workers", "2")))
+    assert len(whole(again, url)) == 1
+    assert_same_lora(tmp_path / "local", tmp_path / "again")
+
+
+def test_a_cache_limit_below_the_dataset_evicts_and_trains_the_same(tmp_path, cached, tiny_files, s3_env):
+    from flowtuner.data import streaming
+    from flowtuner.data.config import load_dataset_config
+    from flowtuner.families import get_family
+
+    url = f"s3://{BUCKET}/small-files"
+    # one row per data file: 6 files, so the plan's batches need several and the limit holds two
+    streaming.write_shards(load_dataset_config(cached), get_family("qwen_image"), url, file_bytes=1)
+    sizes = [size for files in fresh(lambda: streaming.shard_store(url, "none").files) for _, size in files]
+    assert len(sizes) == 6
+    assert train(cached, tiny_files, tmp_path / "local", "--max_data_loader_n_workers", "0", "--max_train_steps", "3") == 0
+    cache, limit = tmp_path / "shards-cache", 2 * max(sizes)
+    cfg = shards_config(tmp_path / "s3.toml", url, f'shards_cache = "{cache}"\nshards_cache_limit = {limit}')
+    got = data_gets(s3_env, lambda: fresh(lambda: train(cfg, tiny_files, tmp_path / "s3", "--max_data_loader_n_workers", "2",
+                                                        "--max_train_steps", "3")))
+    assert_same_lora(tmp_path / "local", tmp_path / "s3")
+    left = list(cache.glob("*/data/*.lance"))
+    assert sum(f.stat().st_size for f in left) <= limit and len(left) <= 2
+    assert len(set(whole(got, url))) > 2  # it fetched more files than the limit holds: some were evicted
+
+
+def test_shards_cache_keys_are_checked(tmp_path):
+    from flowtuner.data.config import load_dataset_config
+    from flowtuner.errors import ConfigError
+
+    ds = load_dataset_config(shards_config(tmp_path / "a.toml", "s3://b/x", 'shards_cache_limit = "1.5GB"'))[0]
+    assert ds.shards_cache is None and ds.shards_cache_limit == 1_500_000_000
+    ds = load_dataset_config(shards_config(tmp_path / "b.toml", "s3://b/x", 'shards_cache = "none"\nshards_cache_limit = 4096'))[0]
+    assert ds.shards_cache == "none" and ds.shards_cache_limit == 4096
+    with pytest.raises(ConfigError, match="shards_cache_limit '20 parsecs': give bytes or a size"):
+        load_dataset_config(shards_config(tmp_path / "c.toml", "s3://b/x", 'shards_cache_limit = "20 parsecs"'))
 
 
 def test_a_local_folder_target_gives_the_batches_of_the_local_caches(tmp_path, cached, tiny_files):

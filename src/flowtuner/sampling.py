@@ -278,12 +278,12 @@ def model_patches(denoiser: Denoiser, job: Job) -> ExitStack:
     return stack
 
 
-@torch.no_grad()
 def records_attention(denoiser: Denoiser) -> bool:
     """Whether the denoiser's family records self-attention (SAG reads it); the base class only refuses."""
     return type(denoiser).record_self_attention is not Denoiser.record_self_attention
 
 
+@torch.no_grad()
 def sample_job(denoiser: Denoiser, family: Family, job: Job, conds: dict[tuple, Conditioning], on_step=None,
                init: InitImage | None = None) -> list[tuple[Job, int, torch.Tensor]]:
     geometry = denoiser.geometry(job.height, job.width)

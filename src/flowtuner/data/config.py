@@ -9,6 +9,7 @@ import dataclasses
 import difflib
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,11 @@ class GeneralSettings:
     shards: str | None = opt(None, "flowtuner only: train from cache shards (a folder or s3://bucket/prefix written by "
                                    "cache-latents/cache-text --to_shards) instead of the cache files; the images and "
                                    "cache_directory are then not needed (docs/scale.md, Streaming)")
+    shards_cache: str | None = opt(None, "flowtuner only: local folder keeping whole data files of s3:// shards for reuse "
+                                         "(default <XDG_CACHE_HOME or ~/.cache>/flowtuner/shards; 'none' reads every epoch "
+                                         "from the store)")
+    shards_cache_limit: Any = opt("20GB", "flowtuner only: size limit of shards_cache, bytes or e.g. '500MB', '20GB'; "
+                                          "least recently used data files are evicted beyond it")
 
 
 @dataclass
@@ -95,6 +101,8 @@ class Dataset:
     bucket_crop: str = "center"
     prompt_variants: int = 1
     shards: str | None = None  # a Lance dataset of the caches (data/streaming.py): read instead of cache_directory
+    shards_cache: str | None = None  # folder of local copies of remote shards' data files; None: the platform default; "none": off
+    shards_cache_limit: int = 20 * 10**9  # bytes
 
     @property
     def name(self) -> str:
@@ -244,6 +252,7 @@ def _resolve_entry(i: int, entry: Any, general: dict, fallbacks: dict, defaults:
         control_resolution=None if ctrl_res is None else _resolution(ctrl_res, file, section, "control_resolution"),
         no_resize_control=value["no_resize_control"], bucket_rule=value["bucket_rule"], bucket_crop=value["bucket_crop"],
         prompt_variants=value["prompt_variants"], shards=_shards_url(value["shards"], file, section),
+        **_shards_cache(value, file, section),
     )
 
 
@@ -252,6 +261,27 @@ def _shards_url(value: str | None, file: Path, section: str) -> str | None:
     if value is None or "://" in value:
         return value
     return str(_resolve_path(value, "shards", file, section))
+
+
+SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def _shards_cache(value: dict, file: Path, section: str) -> dict:
+    """shards_cache (a folder resolved as the other paths are, or 'none') and shards_cache_limit in bytes."""
+    limit = value["shards_cache_limit"]
+    if isinstance(limit, str):
+        m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", limit)
+        unit = m and SIZE_UNITS.get(m[2].upper())
+        if not unit:
+            raise ConfigError(f"{_where(file, section)}: shards_cache_limit {limit!r}: give bytes or a size such as '500MB', '20GB'.")
+        limit = int(float(m[1]) * unit)
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+        raise ConfigError(f"{_where(file, section)}: shards_cache_limit must be a positive size (bytes or e.g. '20GB'), got {limit!r}.")
+    folder = value["shards_cache"]
+    if folder is not None:
+        folder = "none" if folder.lower() == "none" else str(_resolve_path(folder, "shards_cache", file, section))
+    return {"shards_cache": folder, "shards_cache_limit": limit}
 
 
 def _shards_only(i: int, value: dict, file: Path, section: str) -> Dataset:
@@ -269,6 +299,7 @@ def _shards_only(i: int, value: dict, file: Path, section: str) -> Dataset:
         image_directory=None, image_jsonl_file=None, cache_directory=Path(shards), control_directory=None,
         control_resolution=None, no_resize_control=value["no_resize_control"], bucket_rule=value["bucket_rule"],
         bucket_crop=value["bucket_crop"], prompt_variants=value["prompt_variants"], shards=shards,
+        **_shards_cache(value, file, section),
     )
 
 

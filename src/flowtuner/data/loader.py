@@ -299,6 +299,10 @@ def make_loader(dataset: CacheDataset, plan: BatchPlan, epoch: int, start: int =
     sampler = PlanSampler(plan, epoch, start, shard)
     if processes and num_workers:
         return DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=num_workers, prefetch_factor=4)
+    if any(it.stream for it in dataset.items):  # shards: fetch the coming batches' data files ahead
+        from flowtuner.data.streaming import Prefetching
+
+        sampler = Prefetching(sampler, dataset.items)
     if num_workers:
         return ThreadedLoader(dataset, sampler, num_workers)
     return (dataset[b] for b in sampler)

@@ -13,10 +13,15 @@ shapes BatchPlan groups by, the control latents' names, and the two cache files 
 (safetensors bytes: every tensor with its dtype and shape, musubi-tuner's metadata and flowtuner's
 provenance), plus the provenance as JSON for queries. Rows are sorted by (dataset, bucket, group, key), so a
 micro-batch's rows lie together.
+
+Reading s3:// shards goes through a bounded local cache of whole data files (what mosaicml-streaming does
+with its shards): a data file is fetched with one GET on first use, kept under `shards_cache`, and `take`
+runs on the local copy; a thread fetches the files of the next PREFETCH_BATCHES batches of the plan ahead.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -24,6 +29,7 @@ import struct
 import threading
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from flowtuner.data.cache import read_provenance
@@ -175,20 +181,233 @@ def open_shards(url: str):
         return _OPEN[handle]
 
 
+# --- the local cache of remote data files ----------------------------------------------------------------------
+
+PREFETCH_BATCHES = 8  # batches of the plan whose data files a thread fetches ahead of the readers
+_STORES: dict[str, "ShardStore"] = {}
+_PINNED: dict[Path, int] = {}  # local data files being read by this process: never evicted
+_FILE_LOCKS: dict[Path, threading.Lock] = {}
+_EVICT_LOCK = threading.Lock()
+
+
+def default_cache_root() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "flowtuner" / "shards"
+
+
+def _s3_filesystem(url: str):
+    """A pyarrow S3 filesystem with the same endpoint, credentials and bounded retries as Lance's client."""
+    from pyarrow import fs
+
+    opts = storage_options(url)
+    endpoint = opts.get("endpoint")
+    scheme = "https"
+    if endpoint:
+        scheme, _, endpoint = endpoint.rpartition("://") if "://" in endpoint else ("https", "", endpoint)
+    return fs.S3FileSystem(access_key=opts.get("aws_access_key_id"), secret_key=opts.get("aws_secret_access_key"),
+                           session_token=opts.get("aws_session_token"), region=opts["region"], scheme=scheme,
+                           endpoint_override=endpoint, connect_timeout=CONNECT_TIMEOUT_S, request_timeout=REQUEST_TIMEOUT_S,
+                           retry_strategy=fs.AwsStandardS3RetryStrategy(max_attempts=MAX_RETRIES + 1))
+
+
+def _manifest_names(version: int) -> tuple[str, ...]:
+    # Lance's two manifest naming schemes: V2 counts down from 2^64 - 1 so the newest lists first; V1 is the version
+    return (f"{(1 << 64) - 1 - version:020d}.manifest", f"{version}.manifest")
+
+
+class ShardStore:
+    """Rows of one shards URL: read from the store directly (a local folder, or `shards_cache = "none"`), or
+    from whole local copies of its data files under `root`/<hash of URL and endpoint>/ (the Lance layout:
+    `_versions/` with the version's manifest, `data/` with the files fetched so far; data files are named
+    uniquely by Lance, so the versions of one URL share them)."""
+
+    def __init__(self, url: str, root: Path | None, limit: int):
+        self.url, self.remote, self.root, self.limit = url, open_shards(url), root, limit
+        self.local = None
+        starts, self.files = [], []
+        for frag in self.remote.get_fragments():
+            meta = frag.metadata
+            if meta.deletion_file is not None:
+                raise StreamError(f"shards {url}: fragment {frag.fragment_id} has deleted rows, which --to_shards never writes; "
+                                  "write the shards again with --to_shards.")
+            starts.append(meta.physical_rows)
+            self.files.append([(d.path, d.file_size_bytes) for d in meta.data_files()])
+        self.starts = np.concatenate([[0], np.cumsum(starts)]).astype(np.int64)
+        if root is not None:
+            endpoint = storage_options(url).get("endpoint", "")
+            self.dir = root / hashlib.sha256(f"{endpoint}|{url}".encode()).hexdigest()[:16]
+            self.fs, self.prefix = _s3_filesystem(url), url.removeprefix("s3://").rstrip("/")
+            self._open_local()
+
+    def _open_local(self) -> None:
+        version = self.remote.version
+        (self.dir / "data").mkdir(parents=True, exist_ok=True)
+        names = _manifest_names(version)
+        if not any((self.dir / "_versions" / n).is_file() for n in names):
+            try:
+                infos = self.fs.get_file_info([f"{self.prefix}/_versions/{n}" for n in names])
+            except OSError as exc:
+                raise _unreachable(self.url, exc) from None
+            found = [n for n, info in zip(names, infos) if info.size is not None]
+            if not found:
+                raise StreamError(f"shards {self.url}: no manifest of version {version} in the store; it changed while "
+                                  "opening: start again.")
+            self._download(f"_versions/{found[0]}", self.dir / "_versions" / found[0], None)
+        self.local = _lance().dataset(str(self.dir), version=version)
+
+    def _download(self, key: str, dest: Path, size: int | None) -> None:
+        """One GET of the whole object into `dest`: a temp file renamed over it, so readers and other ranks of
+        this node see the whole file or none (the last rename wins; the files are equal)."""
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        try:
+            source = f"{self.prefix}/{key}"
+            if size:  # the size known: no HEAD before the GET
+                from pyarrow.fs import FileInfo, FileType
+
+                source = FileInfo(source, type=FileType.File, size=size)
+            with self.fs.open_input_file(source) as f:
+                data = f.read()
+            if size and len(data) != size:
+                raise StreamError(f"shards {self.url}: {key} is {len(data)} bytes in the store, the manifest says {size}; "
+                                  "the shards changed while reading: start again.")
+            tmp.write_bytes(data)
+            os.replace(tmp, dest)
+        except OSError as exc:
+            raise _unreachable(self.url, exc) from None
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def fragments_of(self, rows) -> set[int]:
+        return set((np.searchsorted(self.starts, np.asarray(rows, dtype=np.int64), side="right") - 1).tolist())
+
+    def ensure(self, fragment: int) -> list[Path]:
+        """The local copies of a fragment's data files, fetched now if absent or not the size the manifest gives
+        (a partial or corrupted copy)."""
+        paths = []
+        for name, size in self.files[fragment]:
+            path = self.dir / "data" / name
+            with _LOCK:
+                lock = _FILE_LOCKS.setdefault(path, threading.Lock())
+            with lock:
+                try:
+                    have = path.stat().st_size
+                except FileNotFoundError:
+                    have = None
+                if have is not None and size and have != size:
+                    log.warning("shards cache: %s is %d bytes, the store's is %d; fetching it again", path, have, size)
+                if have is None or (size and have != size):
+                    self._download(f"data/{name}", path, size)
+                    _evict(self.root, self.limit)
+                else:
+                    os.utime(path)  # least recently used first out: the mtime is the last use
+            paths.append(path)
+        return paths
+
+    def take(self, rows: list[int], columns: list[str]):
+        if self.local is None:
+            return self.remote.take(rows, columns=columns)
+        for attempt in (0, 1):
+            paths = [p for f in sorted(self.fragments_of(rows)) for p in self.ensure(f)]
+            _pin(paths, 1)
+            try:
+                return self.local.take(rows, columns=columns)
+            except OSError as exc:
+                if attempt or "Not found" not in str(exc):
+                    raise
+                log.info("shards cache: a data file was evicted by another process while reading; fetching it again")
+            finally:
+                _pin(paths, -1)
+
+    def index(self, columns: list[str]):
+        """The index columns of every row. With a cache they are kept there per version (a small Arrow file beside
+        the data files, never evicted), so a warm start reads nothing from the store; the first start reads them
+        from the local copy of a fragment where it is whole, else from the store (ranged reads of those columns
+        only, so a cold start does not download the dataset)."""
+        import pyarrow as pa
+        from pyarrow import feather
+
+        if self.local is None:
+            return self.remote.to_table(columns=columns, with_row_id=False)
+        kept = self.dir / f"index-v{self.remote.version}.arrow"
+        if kept.is_file():
+            table = feather.read_table(str(kept))
+            if table.column_names == columns and table.num_rows == int(self.starts[-1]):
+                return table
+        parts = []
+        for frag, files in zip(self.remote.get_fragments(), self.files):
+            whole = all(_size(self.dir / "data" / n) == size for n, size in files)
+            source = self.local.get_fragment(frag.fragment_id) if whole else frag
+            parts.append(source.to_table(columns=columns))
+        table = pa.concat_tables(parts) if parts else self.remote.schema.empty_table().select(columns)
+        tmp = kept.with_name(f".{kept.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        feather.write_feather(table, str(tmp), compression="uncompressed")
+        os.replace(tmp, kept)
+        return table
+
+
+def _size(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return None
+
+
+def _pin(paths: list[Path], delta: int) -> None:
+    with _LOCK:
+        for p in paths:
+            _PINNED[p] = _PINNED.get(p, 0) + delta
+            if not _PINNED[p]:
+                del _PINNED[p]
+
+
+def _evict(root: Path, limit: int) -> None:
+    """Delete the least recently used data files under `root` (every shards URL cached there) until their total is
+    within `limit`; files this process is reading stay (the total may then exceed the limit)."""
+    with _EVICT_LOCK:
+        files = []
+        for path in root.glob("*/data/*.lance"):
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                continue  # another rank evicted it
+            files.append((st.st_mtime, st.st_size, path))
+        total = sum(size for _, size, _ in files)
+        for _, size, path in sorted(files):
+            if total <= limit:
+                break
+            with _LOCK:
+                if path in _PINNED:
+                    continue
+            path.unlink(missing_ok=True)
+            total -= size
+
+
+def shard_store(url: str, cache: str | None = None, limit: int = 20 * 10**9) -> ShardStore:
+    """The ShardStore of `url`, made once per process (the first dataset naming the URL sets its cache)."""
+    with _LOCK:
+        store = _STORES.get(url)
+    if store is None:
+        root = None if not url.startswith("s3://") or cache == "none" else Path(cache) if cache else default_cache_root()
+        store = ShardStore(url, root, limit)
+        with _LOCK:
+            store = _STORES.setdefault(url, store)
+    return store
+
+
 def scan_shards(ds, family) -> list:
     """The CachedItems of dataset `ds` in its shards (the index columns only: no tensor is read), checked
     against the dataset config's buckets as local caches are."""
     from flowtuner.data.buckets import bucket_selector
     from flowtuner.data.loader import CachedItem, CacheError
 
-    store = open_shards(ds.shards)
-    meta = {k.decode(): v.decode() for k, v in (store.schema.metadata or {}).items()}
+    store = shard_store(ds.shards, getattr(ds, "shards_cache", None), getattr(ds, "shards_cache_limit", 20 * 10**9))
+    meta = {k.decode(): v.decode() for k, v in (store.remote.schema.metadata or {}).items()}
     if meta.get("flowtuner.architecture") != family.cache_arch:
         raise CacheError(f"shards {ds.shards}: cached for '{meta.get('flowtuner.architecture')}', not {family.cache_arch}; "
                          "write shards from this model's caches.")
     columns = ["key", "dataset", "bucket_w", "bucket_h", "original_w", "original_h", "group", "controls"]
     try:
-        table = store.to_table(columns=columns, with_row_id=False).to_pydict()
+        table = store.index(columns).to_pydict()
     except (OSError, ValueError, RuntimeError) as exc:
         raise _unreachable(ds.shards, exc) from None
     selector, items = bucket_selector(ds, family.size_step), []
@@ -210,15 +429,64 @@ def scan_shards(ds, family) -> list:
 
 
 def fetch(url: str, rows: list[int]) -> list[tuple["BytesCheckpoint", "BytesCheckpoint"]]:
-    """(latent, text) caches of the rows, in order, with one read of the store."""
-    store, unique = open_shards(url), sorted(set(rows))  # an item repeated in a batch (num_repeats) is read once
+    """(latent, text) caches of the rows, in order, with one read of the store (or of the local copies)."""
+    store, unique = shard_store(url), sorted(set(rows))  # an item repeated in a batch (num_repeats) is read once
     try:
-        table = store.take(unique, columns=["key", "latent", "text"]).to_pydict()
+        table = store.take(unique, ["key", "latent", "text"]).to_pydict()
     except (OSError, ValueError, RuntimeError) as exc:
         raise _unreachable(url, exc) from None
     got = {r: (BytesCheckpoint(f"{url}#{k} (latent)", lat), BytesCheckpoint(f"{url}#{k} (text)", txt))
            for r, k, lat, txt in zip(unique, table["key"], table["latent"], table["text"])}
     return [got[r] for r in rows]
+
+
+class Prefetching:
+    """The batches of a sampler, while a thread fetches the data files of the next `ahead` batches into the
+    shards cache, so a cold epoch overlaps downloads with compute."""
+
+    def __init__(self, sampler, items: list, ahead: int = PREFETCH_BATCHES):
+        self.sampler, self.items, self.ahead = sampler, items, ahead
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        batches = list(self.sampler)
+        state = {"at": 0, "stop": False}
+        wake = threading.Condition()
+        thread = threading.Thread(target=self._run, args=(batches, state, wake), daemon=True, name="shards-prefetch")
+        thread.start()
+        try:
+            for i, batch in enumerate(batches):
+                with wake:
+                    state["at"] = i
+                    wake.notify()
+                yield batch
+        finally:
+            with wake:
+                state["stop"] = True
+                wake.notify()
+
+    def _run(self, batches, state, wake) -> None:
+        for i, batch in enumerate(batches):
+            with wake:
+                wake.wait_for(lambda: state["stop"] or i <= state["at"] + self.ahead)
+                if state["stop"]:
+                    return
+            rows: dict[str, list[int]] = {}
+            for j in batch:
+                it = self.items[j]
+                if it.stream:
+                    rows.setdefault(it.stream, []).append(it.row)
+            for url, where in rows.items():
+                store = shard_store(url)
+                if store.local is None:
+                    continue
+                try:
+                    for f in sorted(store.fragments_of(where)):
+                        store.ensure(f)
+                except FlowtunerError as exc:  # the reader that needs the file fetches it again and reports the error
+                    log.debug("shards prefetch: %s", exc)
 
 
 class BytesCheckpoint:
