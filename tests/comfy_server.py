@@ -50,7 +50,7 @@ def free_port() -> int:
 
 
 class ComfyServer:
-    def __init__(self, comfy_root: Path, base: Path, fail_module: str | None = None):
+    def __init__(self, comfy_root: Path, base: Path, fail_module: str | None = None, edit_vae_area: int | None = None):
         self.comfy_root = Path(comfy_root)
         self.base = Path(base)
         self.models = self.base / "models"
@@ -60,6 +60,9 @@ class ComfyServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = self.base / "server.log"
         self.fail_module = fail_module
+        # edit models' reference-image area in the server process, as tests' small_area fixture sets it in-process
+        # (the real ~1 MP VAE encode of a tiny model costs seconds per run on a CPU)
+        self.edit_vae_area = edit_vae_area
         self.process: subprocess.Popen | None = None
         self.start_seconds = None
 
@@ -88,6 +91,8 @@ class ComfyServer:
         launcher = [sys.executable, str(Path(__file__).resolve()), str(self.comfy_root)]
         if self.fail_module:
             launcher += ["--fail-module", self.fail_module]
+        if self.edit_vae_area:
+            launcher += ["--edit-vae-area", str(self.edit_vae_area)]
         return launcher + ["--", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port), "--disable-auto-launch",
                            "--base-directory", str(self.base), "--output-directory", str(self.output_dir),
                            "--input-directory", str(self.input_dir), "--front-end-root", str(self.base / "frontend"),
@@ -179,16 +184,18 @@ def validation_text(answer: dict) -> str:
     return "\n".join(line for line in lines if line)
 
 
-def start_server(tmp_dir: Path, fail_module: str | None = None) -> ComfyServer:
+def start_server(tmp_dir: Path, fail_module: str | None = None, edit_vae_area: int | None = None) -> ComfyServer:
     from tests.shared import _extract
 
-    return ComfyServer(_extract("comfyui"), tmp_dir, fail_module=fail_module).start()
+    return ComfyServer(_extract("comfyui"), tmp_dir, fail_module=fail_module, edit_vae_area=edit_vae_area).start()
 
 
 @pytest.fixture(scope="session")
 def comfy_server(tmp_path_factory):
     """A running headless ComfyUI with the pack installed (skipped without ../shared; fails in CI)."""
-    server = start_server(tmp_path_factory.mktemp("comfyui-base"))
+    from tests.test_edit_dit import SMALL_AREA
+
+    server = start_server(tmp_path_factory.mktemp("comfyui-base"), edit_vae_area=SMALL_AREA)
     try:
         yield server
     finally:
@@ -205,6 +212,10 @@ def _launch(argv: list[str]) -> None:
     comfy_root = Path(own[0])
     if "--fail-module" in own:  # a test-only way to make one of the pack's node modules fail at import
         sys.modules[f"flowtuner.comfyui.{own[own.index('--fail-module') + 1]}"] = None
+    if "--edit-vae-area" in own:
+        from flowtuner.families.qwen_image import edit_sizes
+
+        edit_sizes.VAE_AREA = int(own[own.index("--edit-vae-area") + 1])
     sys.path.insert(0, str(REPO))
     from tests.shared import _stub_missing_media_packages
 

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.test_comfyui_nodes import EDIT_PROMPT, NEGATIVE, PROMPT, generate
+from tests.test_edit_dit import small_area  # noqa: F401  (fixture)
 from tests.test_edit_generate import edit_files  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.slow
@@ -78,9 +79,9 @@ def test_t2i_workflow_equals_generate(comfy_server, tiny_files, tmp_path):
     torch.testing.assert_close(saved_latent(comfy_server, "t2i"), ref, **LATENT_TOL)
 
 
-def test_edit_2509_workflow_equals_generate(comfy_server, edit_files, tiny_files, tmp_path):
-    """LoadImage -> flowtuner Text Encode (with the flowtuner VAE: reference latents) -> flowtuner Sampler; the real
-    ~1 MP reference area (the server is another process: no small_area patch on either side)."""
+def test_edit_2509_workflow_equals_generate(comfy_server, edit_files, tiny_files, tmp_path, small_area):
+    """LoadImage -> flowtuner Text Encode (with the flowtuner VAE: reference latents) -> flowtuner Sampler; the
+    reference area shrunk alike in the server (its launcher) and here (small_area): the path, not the size, is tested."""
     comfy = edit_files["comfy"] / "models"
     dit = put(comfy_server, comfy / "diffusion_models" / "qwen_image_edit_2509_tiny.safetensors", "diffusion_models", "wf_edit.safetensors")
     te = put(comfy_server, comfy / "text_encoders" / "qwen_2.5_vl_tiny.safetensors", "text_encoders", "wf_edit_vl.safetensors")
