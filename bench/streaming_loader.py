@@ -1,14 +1,15 @@
 """Samples/s of the training loader reading cache shards from S3 (moto's server on loopback) against the same
-caches as local files. Goal: >= 0.8x local. The first and the second epoch are timed separately (Lance keeps no
-local copy of the rows, so the second epoch differs only by what Lance keeps in memory: the manifest and the
-fragment metadata).
+caches as local files. Goal: >= 0.8x local. Through the local shards cache (data/streaming.py, the default):
+the first epoch (cold: each data file is fetched whole with one GET, a thread fetching the next batches' files
+ahead) and the second (warm: every file local) are timed separately. --direct also times reading straight from
+the store (`shards_cache = "none"`), which every epoch does with ranged GETs.
 
 Writes N synthetic 1024x1024 cache pairs (bench/cache_loader.py's), `write_shards` them to s3://bench/x,
 then times `make_loader` over both. moto's server answers a ranged GET by copying the whole object
 (measured: a 1 MB range of a 64 MB object takes 61 ms, of a 4 MB object 8 ms), so --file_mb 4 shows what a
 store with range reads costing O(range), as S3 / R2 / MinIO, does. Needs pip install -e '.[test]' (pylance, moto[server]).
 
-    python bench/streaming_loader.py [--items 64] [--batch_size 2] [--workers 2]
+    python bench/streaming_loader.py [--items 64] [--batch_size 2] [--workers 2] [--file_mb 64] [--direct]
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from cache_loader import write_caches  # noqa: E402
 
 from flowtuner.data.config import load_dataset_config  # noqa: E402
 from flowtuner.data.loader import BatchPlan, CacheDataset, make_loader, scan_caches  # noqa: E402
+from flowtuner.data import streaming  # noqa: E402
 from flowtuner.data.streaming import write_shards  # noqa: E402
 from flowtuner.families.qwen_image import QwenImageFamily  # noqa: E402
 
@@ -61,6 +63,7 @@ def main() -> None:
     ap.add_argument("--batch_size", type=int, default=2)
     ap.add_argument("--file_mb", type=int, default=64, help="shard data file size (flowtuner writes 64)")
     ap.add_argument("--workers", type=int, default=2, help="reader threads (--max_data_loader_n_workers)")
+    ap.add_argument("--direct", action="store_true", help="also time reads straight from the store (no local cache)")
     args = ap.parse_args()
     import boto3
 
@@ -76,16 +79,21 @@ def main() -> None:
             write_shards(datasets, family, "s3://bench/x", args.file_mb << 20)
             print(f"write_shards: {args.items} items in {time.perf_counter() - t:.1f} s")
             local_items = scan_caches(datasets, family)
-            shard_cfg = Path(tmp) / "shards.toml"
-            shard_cfg.write_text(f'[general]\nresolution = 1024\nbatch_size = {args.batch_size}\n'
-                                 '[[datasets]]\nshards = "s3://bench/x"\n')
-            shard_ds = load_dataset_config(shard_cfg)
-            shard_items = scan_caches(shard_ds, family)
             local = (CacheDataset(local_items, family), BatchPlan(local_items, datasets, 0))
-            shards = (CacheDataset(shard_items, family), BatchPlan(shard_items, shard_ds, 0))
-            for epoch, name in ((0, "first epoch (cold)"), (1, "second epoch (warm)")):
-                lr, sr = rate(*local, epoch, args.workers), rate(*shards, epoch, args.workers)
-                print(f"{name}: local caches {lr:7.1f} samples/s, S3 shards {sr:7.1f} samples/s  (x{sr / lr:.2f})")
+            for cache in ([Path(tmp) / "shards-cache"] + (["none"] if args.direct else [])):
+                shard_cfg = Path(tmp) / "shards.toml"
+                shard_cfg.write_text(f'[general]\nresolution = 1024\nbatch_size = {args.batch_size}\n'
+                                     f'shards_cache = "{cache}"\n[[datasets]]\nshards = "s3://bench/x"\n')
+                streaming._STORES.clear()  # a new process's view: the store opened again with this cache setting
+                shard_ds = load_dataset_config(shard_cfg)
+                t = time.perf_counter()
+                shard_items = scan_caches(shard_ds, family)
+                how = "direct from S3" if cache == "none" else "S3 via cache"
+                print(f"{how}: index scan {time.perf_counter() - t:.2f} s")
+                shards = (CacheDataset(shard_items, family), BatchPlan(shard_items, shard_ds, 0))
+                for epoch, name in ((0, "first epoch (cold)"), (1, "second epoch (warm)")):
+                    lr, sr = rate(*local, epoch, args.workers), rate(*shards, epoch, args.workers)
+                    print(f"  {name}: local caches {lr:7.1f} samples/s, {how} {sr:7.1f} samples/s  (x{sr / lr:.2f})")
     finally:
         proc.terminate()
         proc.wait(10)

@@ -188,6 +188,7 @@ _STORES: dict[str, "ShardStore"] = {}
 _PINNED: dict[Path, int] = {}  # local data files being read by this process: never evicted
 _FILE_LOCKS: dict[Path, threading.Lock] = {}
 _EVICT_LOCK = threading.Lock()
+_OVER = False  # the last eviction left the cache above its limit (files in use were spared)
 
 
 def default_cache_root() -> Path:
@@ -260,12 +261,7 @@ class ShardStore:
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         try:
-            source = f"{self.prefix}/{key}"
-            if size:  # the size known: no HEAD before the GET
-                from pyarrow.fs import FileInfo, FileType
-
-                source = FileInfo(source, type=FileType.File, size=size)
-            with self.fs.open_input_file(source) as f:
+            with self.fs.open_input_file(f"{self.prefix}/{key}") as f:  # a HEAD, then one GET of it all
                 data = f.read()
             if size and len(data) != size:
                 raise StreamError(f"shards {self.url}: {key} is {len(data)} bytes in the store, the manifest says {size}; "
@@ -280,14 +276,18 @@ class ShardStore:
     def fragments_of(self, rows) -> set[int]:
         return set((np.searchsorted(self.starts, np.asarray(rows, dtype=np.int64), side="right") - 1).tolist())
 
-    def ensure(self, fragment: int) -> list[Path]:
+    def ensure(self, fragment: int, pinned: list[Path] | None = None) -> list[Path]:
         """The local copies of a fragment's data files, fetched now if absent or not the size the manifest gives
-        (a partial or corrupted copy)."""
+        (a partial or corrupted copy). With `pinned`, each is pinned (appended there) before it is looked at, so
+        no thread of this process evicts it between this check and the read."""
         paths = []
         for name, size in self.files[fragment]:
             path = self.dir / "data" / name
             with _LOCK:
                 lock = _FILE_LOCKS.setdefault(path, threading.Lock())
+            if pinned is not None:
+                _pin([path], 1)
+                pinned.append(path)
             with lock:
                 try:
                     have = path.stat().st_size
@@ -307,9 +307,10 @@ class ShardStore:
         if self.local is None:
             return self.remote.take(rows, columns=columns)
         for attempt in (0, 1):
-            paths = [p for f in sorted(self.fragments_of(rows)) for p in self.ensure(f)]
-            _pin(paths, 1)
+            paths: list[Path] = []
             try:
+                for f in sorted(self.fragments_of(rows)):
+                    self.ensure(f, paths)
                 return self.local.take(rows, columns=columns)
             except OSError as exc:
                 if attempt or "Not found" not in str(exc):
@@ -317,6 +318,8 @@ class ShardStore:
                 log.info("shards cache: a data file was evicted by another process while reading; fetching it again")
             finally:
                 _pin(paths, -1)
+                if _OVER:  # an eviction had to spare files pinned then: retry now that these are free
+                    _evict(self.root, self.limit)
 
     def index(self, columns: list[str]):
         """The index columns of every row. With a cache they are kept there per version (a small Arrow file beside
@@ -362,7 +365,8 @@ def _pin(paths: list[Path], delta: int) -> None:
 
 def _evict(root: Path, limit: int) -> None:
     """Delete the least recently used data files under `root` (every shards URL cached there) until their total is
-    within `limit`; files this process is reading stay (the total may then exceed the limit)."""
+    within `limit`; files this process is reading stay (the total may then exceed the limit until they are read)."""
+    global _OVER
     with _EVICT_LOCK:
         files = []
         for path in root.glob("*/data/*.lance"):
@@ -375,11 +379,12 @@ def _evict(root: Path, limit: int) -> None:
         for _, size, path in sorted(files):
             if total <= limit:
                 break
-            with _LOCK:
+            with _LOCK:  # checked and deleted together: a reader pins before it looks (ShardStore.ensure)
                 if path in _PINNED:
                     continue
-            path.unlink(missing_ok=True)
+                path.unlink(missing_ok=True)
             total -= size
+        _OVER = total > limit
 
 
 def shard_store(url: str, cache: str | None = None, limit: int = 20 * 10**9) -> ShardStore:
@@ -432,11 +437,13 @@ def fetch(url: str, rows: list[int]) -> list[tuple["BytesCheckpoint", "BytesChec
     """(latent, text) caches of the rows, in order, with one read of the store (or of the local copies)."""
     store, unique = shard_store(url), sorted(set(rows))  # an item repeated in a batch (num_repeats) is read once
     try:
-        table = store.take(unique, ["key", "latent", "text"]).to_pydict()
+        table = store.take(unique, ["key", "latent", "text"])
     except (OSError, ValueError, RuntimeError) as exc:
         raise _unreachable(url, exc) from None
+    # views of Arrow's buffers, not Python bytes: the tensors are copied once, into the batch (BytesCheckpoint.read)
+    lats, txts = ([memoryview(v.as_buffer()) for v in table.column(c)] for c in ("latent", "text"))
     got = {r: (BytesCheckpoint(f"{url}#{k} (latent)", lat), BytesCheckpoint(f"{url}#{k} (text)", txt))
-           for r, k, lat, txt in zip(unique, table["key"], table["latent"], table["text"])}
+           for r, k, lat, txt in zip(unique, table.column("key").to_pylist(), lats, txts)}
     return [got[r] for r in rows]
 
 
@@ -485,16 +492,16 @@ class Prefetching:
                 try:
                     for f in sorted(store.fragments_of(where)):
                         store.ensure(f)
-                except FlowtunerError as exc:  # the reader that needs the file fetches it again and reports the error
+                except Exception as exc:  # noqa: BLE001 - the reader that needs the file fetches it again and reports the error
                     log.debug("shards prefetch: %s", exc)
 
 
 class BytesCheckpoint:
     """A cache file held in memory (the safetensors bytes of a shard row), read as weights.reader.Checkpoint is."""
 
-    def __init__(self, path: str, data: bytes):
+    def __init__(self, path: str, data: bytes | memoryview):
         (n,) = struct.unpack("<Q", data[:8])
-        header = json.loads(data[8 : 8 + n])
+        header = json.loads(bytes(data[8 : 8 + n]))
         self.path, self.data, self.base = path, data, 8 + n
         self.metadata = header.pop("__metadata__", {}) or {}
         self.entries = {k: (DTYPES[v["dtype"]], tuple(v["shape"]), *v["data_offsets"]) for k, v in header.items()}
