@@ -72,6 +72,7 @@ def test_demo_below_the_goal_exits_1(tmp_path, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.demo  # deselected by default (pyproject addopts): python -m pytest -m demo
 def test_reduced_demo_reaches_the_colour_goal(tmp_path):
     out = tmp_path / "demo"
     rc = main(["demo", "--output_dir", str(out), *REDUCED])

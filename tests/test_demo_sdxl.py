@@ -16,7 +16,7 @@ from flowtuner.demo.config import DemoConfig
 from flowtuner.demo.dataset import BACKGROUNDS, SHAPE_COLORS, SHAPES, caption
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-# The default recipe with fewer sampling steps and two images per prompt (not yet measured: docs/sdxl.md "Demo").
+# The default recipe with fewer sampling steps and two images per prompt (measured: docs/sdxl.md "Demo").
 REDUCED = ["--family", "sdxl", "--sample_steps", "12", "--samples_per_prompt", "2"]
 
 
@@ -75,6 +75,31 @@ def test_folded_vae_keeps_its_reconstructions_and_gives_unit_latents_at_sdxl_sca
     assert torch.allclose(ratio, torch.ones_like(ratio), atol=1e-3)
 
 
+def test_refitted_output_layer_is_the_least_squares_optimum_on_whole_images():
+    """refit_output_layer: after it, the reconstruction MSE on the images it was given has no gradient left in the
+    decoder's last convolution (weights and bias), and is below the trained layer's."""
+    from diffusers import AutoencoderKL
+
+    from flowtuner.demo.sdxl import SDXL_SCALE, VAE, refit_output_layer
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(**VAE, scaling_factor=SDXL_SCALE).eval()
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    x[:, :, 8:20, 8:20] = torch.tensor([0.8, -0.7, -0.7])[:, None, None]  # a flat square, as the demo draws
+
+    def loss_and_grad():
+        vae.zero_grad()
+        loss = torch.nn.functional.mse_loss(vae.decode(vae.encode(x).latent_dist.mode()).sample, x)
+        loss.backward()
+        conv = vae.decoder.conv_out
+        return loss.item(), torch.cat([conv.weight.grad.flatten(), conv.bias.grad]).abs().max().item()
+
+    before, grad_before = loss_and_grad()
+    refit_output_layer(vae, x, ridge=0.0)
+    after, grad_after = loss_and_grad()
+    assert after < before and grad_after < 1e-4 * grad_before, (before, after, grad_before, grad_after)
+
+
 @pytest.mark.parametrize("argv, line", [
     (["--family", "sdxl", "--eps_steps", "0"], "--eps_steps 0: must be at least 1."),
     (["--family", "sdxl", "--flow_shift", "-1"], "--flow_shift -1.0: must be positive."),
@@ -90,7 +115,7 @@ def test_bad_flags_are_one_line(tmp_path, capsys, argv, line):
 def test_family_defaults_fill_only_unset_flags():
     assert DemoConfig().check().train_steps == 1500 and DemoConfig().check().eps_steps is None
     sdxl = DemoConfig(family="sdxl", learning_rate=5e-4).check()
-    assert (sdxl.train_steps, sdxl.eps_steps, sdxl.learning_rate) == (400, 600, 5e-4)
+    assert (sdxl.train_steps, sdxl.eps_steps, sdxl.learning_rate) == (500, 300, 5e-4)
 
 
 def test_readme_lists_every_demo_flag():
@@ -125,9 +150,10 @@ def test_few_step_run_writes_every_file_and_exits_1(tmp_path, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.skip(reason="the default SDXL recipe scored 37/48 (77 %) on seed 0, below the 80 % goal (docs/sdxl.md "
-                         "'Demo'); enable once the recipe is tuned")
+@pytest.mark.demo  # deselected by default (pyproject addopts): python -m pytest -m demo
 def test_reduced_sdxl_demo_reaches_the_colour_goal(tmp_path):
+    """The whole default recipe (every stage's steps as shipped), only sampled with fewer steps and images: the
+    part that could lose the goal is trained exactly as users get it (docs/sdxl.md "Demo" has its time)."""
     out = tmp_path / "demo"
     rc = main(["demo", "--output_dir", str(out), *REDUCED])
     summary = json.loads((out / "summary.json").read_text())

@@ -12,7 +12,7 @@ from flowtuner.errors import ConfigError
 # a flag left unset takes its family's value.
 FAMILY_DEFAULTS = {
     "qwen_image": {"vae_steps": 800, "train_steps": 1500, "learning_rate": 4e-3},
-    "sdxl": {"vae_steps": 800, "train_steps": 400, "learning_rate": 1e-3, "eps_steps": 600, "flow_shift": 3.0},
+    "sdxl": {"vae_steps": 400, "train_steps": 500, "learning_rate": 1e-3, "eps_steps": 300, "flow_shift": 3.0},
 }
 SDXL_ONLY = ("eps_steps", "flow_shift", "tokenizer")
 
@@ -25,15 +25,15 @@ class DemoConfig:
                                     "eps-prediction model, then converted into a flow model: the bigASP v2.5 recipe)",
                       choices=tuple(FAMILY_DEFAULTS))
     vae_steps: int | None = opt(help="steps of VAE reconstruction training (batches of 16 random 32x32 crops; "
-                                     "default 800)")
+                                     "default 800, sdxl 400)")
     train_steps: int | None = opt(help="training steps (`flowtuner finetune`: full fine-tune, cosine decay after a 5% "
                                        "warm-up); qwen_image: the DiT's, sigmas drawn with --timestep_sampling shift "
                                        "--discrete_flow_shift 3 (default 1500); sdxl: the flow conversion's, "
-                                       "--prediction_type flow (default 400)")
+                                       "--prediction_type flow (default 500)")
     batch_size: int = opt(32, "training batch size")
     learning_rate: float | None = opt(help="training learning rate (default 4e-3, sdxl 1e-3)")
     eps_steps: int | None = opt(help="--family sdxl: steps of the eps-prediction stage before the conversion "
-                                     "(default 600)")
+                                     "(default 300)")
     flow_shift: float | None = opt(help="--family sdxl: SD3 shift of the flow model's sampling schedule (--preset "
                                         "bigasp's euler / normal, whose own shift is 6; default 3)")
     tokenizer: str | None = opt(help="--family sdxl: a folder with the real CLIP tokenizer (vocab.json, merges.txt); "

@@ -26,7 +26,10 @@ UNET = dict(
     down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
     mid_block_type="UNetMidBlock2DCrossAttn",
     up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-    block_out_channels=[32, 64, 64], layers_per_block=1, transformer_layers_per_block=[1, 1, 1],
+    # 64 channels in the first stage, two per GroupNorm group: its output norm (32 groups) then keeps each
+    # channel's level relative to its pair, which one channel per group (a width of 32) erases -- the absolute level
+    # is what sets a flat colour (docs/sdxl.md "Demo")
+    block_out_channels=[64, 64, 64], layers_per_block=1, transformer_layers_per_block=[1, 1, 1],
     # 64-channel heads and 32 GroupNorm groups: what a loader infers for any SDXL file (families/sdxl/configs.py)
     attention_head_dim=[1, 1, 1], norm_num_groups=32, use_linear_projection=True, addition_embed_type="text_time",
     addition_time_embed_dim=256,
@@ -181,6 +184,7 @@ def train_vae(images: list[Path], steps: int, seed: int):
         opt.zero_grad()
         decay.step()
     vae.eval()
+    refit_output_layer(vae, data)
     with torch.no_grad():
         z = torch.cat([vae.encode(data[i : i + 32]).latent_dist.mode() for i in range(0, len(data), 32)])
         fold_latent_scale(vae, z)
@@ -188,6 +192,35 @@ def train_vae(images: list[Path], steps: int, seed: int):
                            for i in range(0, len(data), 32)])
     mse = F.mse_loss(recon, data).item()
     return vae, mse, reconstructed_colours(images, recon)
+
+
+def refit_output_layer(vae, data: torch.Tensor, ridge: float = 1e-3) -> None:
+    """The decoder's last convolution refitted by least squares on the whole images. It reads the output of a
+    GroupNorm of one channel per group (SDXL's 32 groups at 32 channels), whose per-image statistics differ between
+    the 32x32 training crops and the whole 64x64 images the demo decodes; the fit on whole images removes that
+    mismatch exactly, for the price of one pass over the data."""
+    conv = vae.decoder.conv_out
+    seen = []
+    hook = conv.register_forward_hook(lambda _m, inputs, _out: seen.append(inputs[0]))
+    n = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1] + 1
+    xtx, xty = torch.zeros(n, n, dtype=torch.float64), torch.zeros(n, conv.out_channels, dtype=torch.float64)
+    try:
+        with torch.no_grad():
+            for i in range(0, len(data), 32):
+                seen.clear()
+                vae.decode(vae.encode(data[i : i + 32]).latent_dist.mode())
+                cols = F.unfold(seen[0], conv.kernel_size, padding=conv.padding).transpose(1, 2).reshape(-1, n - 1)
+                x = torch.cat([cols, torch.ones(len(cols), 1)], 1).double()
+                y = data[i : i + 32].permute(0, 2, 3, 1).reshape(-1, conv.out_channels).double()
+                xtx += x.T @ x
+                xty += x.T @ y
+    finally:
+        hook.remove()
+    # a small ridge per image: a feature that training left constant cannot make the system singular
+    w = torch.linalg.solve(xtx + ridge * len(data) * torch.eye(n, dtype=torch.float64), xty).T.float()
+    with torch.no_grad():
+        conv.weight.copy_(w[:, :-1].reshape(conv.weight.shape))
+        conv.bias.copy_(w[:, -1])
 
 
 def reconstructed_colours(images: list[Path], recon: torch.Tensor) -> int:
@@ -263,7 +296,8 @@ def run_sdxl_demo(cfg) -> dict:
     flow_score = score(out / "samples", out / "samples_grid.png")
     summary = {**flow_score, "goal": GOAL, "passed": flow_score["accuracy"] >= GOAL, "seconds": clock.total(),
                "stage_seconds": clock.seconds, "config": asdict(cfg), "family": "sdxl", "tokenizer": which,
-               "vae_mse": built["vae_mse"], "vae_colours": built["vae_colours"], "model": str(flow_model), "loss_curve": str(flow / "loss.png"),
+               "vae_mse": built["vae_mse"], "vae_colours": built["vae_colours"], "model": str(flow_model),
+               "loss_curve": str(flow / "loss.png"),
                "eps": {**eps_score, "model": str(eps_model), "loss_curve": str(eps / "loss.png")}}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     stages = ", ".join(f"{k} {v:.0f} s" for k, v in clock.seconds.items() if v >= 0.5)
