@@ -173,24 +173,31 @@ def rank_pid(launcher: int, rank: int) -> int:
 
 
 @pytest.mark.slow
+def kill_rank_1_once(proc, folder: Path, timeout: float = 120) -> str:
+    """Wait (bounded) until the run has written `folder`, SIGKILL its rank 1 while rank 0 trains on, and return the
+    log of a run that must then fail."""
+    try:
+        deadline = time.monotonic() + timeout
+        while not folder.is_dir():
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            assert time.monotonic() < deadline, f"no {folder.name} within {timeout:.0f} s"
+            time.sleep(0.02)
+        os.kill(rank_pid(proc.pid, 1), signal.SIGKILL)
+        log = proc.communicate(timeout=60)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0, log[-2000:]
+    return log
+
+
 def test_finetune_on_two_processes_and_a_killed_rank_leaves_the_last_checkpoint_valid(tmp_path, cached, tiny_files):
     full = ("--save_precision", "fp32", "--save_every_n_steps", "2", "--save_state")
     assert main(args(cached, tiny_files, tmp_path / "one", "finetune", *full, "--max_train_steps", "2",
                      "--gradient_accumulation_steps", "2")) == 0
     out = tmp_path / "two"
     proc = torchrun(args(cached, tiny_files, out, "finetune", *full, "--max_train_steps", "100000"), wait=False)
-    try:
-        deadline = time.monotonic() + 120
-        while not (out / "lora-step00000006-state").is_dir():
-            assert proc.poll() is None, proc.stdout.read()[-3000:]
-            assert time.monotonic() < deadline, "no checkpoint at step 6 within 120 s"
-            time.sleep(0.02)
-        os.kill(rank_pid(proc.pid, 1), signal.SIGKILL)  # rank 1 dies while rank 0 trains on
-        log = proc.communicate(timeout=60)[0]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode != 0, log[-2000:]
+    kill_rank_1_once(proc, out / "lora-step00000006-state")
     # the two-process run's step-2 weights are the one-process run's
     assert_same(tmp_path / "one/lora-step00000002.safetensors", out / "lora-step00000002.safetensors")
     states = sorted(out.glob("lora-step*-state"))

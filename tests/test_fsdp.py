@@ -5,10 +5,7 @@ states resume on 1 process from 2 and on 2 from 1, and a rank killed mid-run lea
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
-import time
 from types import SimpleNamespace
 
 import pytest
@@ -22,7 +19,7 @@ from flowtuner.families.qwen_image.tiny import tiny_dit
 from flowtuner.families.sdxl.family import SDXLFamily
 from flowtuner.train import fsdp
 from tests.sdxl_models import tiny_unet
-from tests.test_distributed import args, assert_same, cached, rank_pid, torchrun  # noqa: F401 (cached: a fixture)
+from tests.test_distributed import args, assert_same, cached, kill_rank_1_once, torchrun  # noqa: F401 (cached: a fixture)
 
 
 # ---------------------------------------------------------------- choices and refusals
@@ -174,18 +171,7 @@ def test_a_killed_fsdp_rank_leaves_the_last_sharded_state_valid(tmp_path, cached
     proc = torchrun(args(cached, tiny_files, out, "finetune", "--fsdp", *FULL, "--mixed_precision", "bf16",
                          "--max_train_steps", "100000",
                          "--save_every_n_steps", "2", "--save_state"), wait=False)
-    try:
-        deadline = time.monotonic() + 120
-        while not (out / "lora-step00000004-state").is_dir():
-            assert proc.poll() is None, proc.stdout.read()[-3000:]
-            assert time.monotonic() < deadline, "no state at step 4 within 120 s"
-            time.sleep(0.02)
-        os.kill(rank_pid(proc.pid, 1), signal.SIGKILL)  # rank 1 dies while rank 0 trains on
-        log = proc.communicate(timeout=60)[0]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode != 0, log[-2000:]
+    kill_rank_1_once(proc, out / "lora-step00000004-state")
     states = sorted(out.glob("lora-step*-state"))
     last = states[-1]
     step = int(re.search(r"step(\d+)", last.name).group(1))

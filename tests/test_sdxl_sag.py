@@ -20,23 +20,9 @@ from flowtuner.families.sdxl.family import SDXLFamily
 from flowtuner.guidance.methods import attention_mask, gaussian_blur, parse_guidance
 from flowtuner.sampling import Job, sample_job
 from tests import sdxl_models as M
-from tests.test_sdxl_guidance import assert_close, comfy_patcher, loud
+from tests.test_sdxl_guidance import assert_close, comfy_patcher, comfy_sd, unet  # noqa: F401  (fixtures)
 
 H, W = 128, 192
-
-
-@pytest.fixture(scope="module")
-def unet():
-    return loud(M.tiny_unet(7)).to(torch.float32)
-
-
-@pytest.fixture(scope="module")
-def comfy_sd(unet, tmp_path_factory, comfy):
-    import comfy.utils as cu
-
-    _, vae, clip_l, clip_g = M.tiny_sdxl()
-    path = M.write_single_file(tmp_path_factory.mktemp("sdxl") / "tiny.safetensors", unet, vae, clip_l, clip_g)
-    return cu.load_torch_file(str(path))
 
 
 @pytest.fixture(scope="module")

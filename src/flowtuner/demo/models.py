@@ -82,9 +82,14 @@ def build_dit(folder: Path, seed: int, layers: int) -> None:
                                 axes_dims_rope=(16, 56, 56)).save_pretrained(folder)
 
 
-def _pixels(paths: list[Path]) -> torch.Tensor:
+def pixel_batch(paths: list[Path]) -> torch.Tensor:
+    """The images as [B, 3, H, W] in [-1, 1]."""
     arrays = [np.asarray(Image.open(p).convert("RGB"), dtype=np.float32) / 127.5 - 1 for p in paths]
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).unsqueeze(2)  # [B, 3, 1, H, W]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+
+
+def _pixels(paths: list[Path]) -> torch.Tensor:
+    return pixel_batch(paths).unsqueeze(2)  # [B, 3, 1, H, W]: the Qwen VAE's single frames
 
 
 def _decode_unclamped(vae, z: torch.Tensor) -> torch.Tensor:
@@ -143,12 +148,24 @@ def _identity_residuals(vae) -> None:
                 last.bias.zero_()
 
 
-def _crops(x: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
+def random_crops(x: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
     """One random size x size crop per image, at offsets on the VAE's 8-pixel grid."""
     if size >= x.shape[-1]:
         return x
     offsets = (torch.randint(0, (x.shape[-1] - size) // 8 + 1, (len(x), 2), generator=gen) * 8).tolist()
     return torch.stack([img[..., y : y + size, x0 : x0 + size] for img, (y, x0) in zip(x, offsets)])
+
+
+def vae_optimizer(vae, steps: int):
+    """Adam with warm-up and cosine decay (the caller clips): without warm-up and clipping Adam's first full-size
+    steps can knock a tiny VAE into a plateau that loses the colours, and a demo's denoiser cannot draw what its
+    VAE cannot represent."""
+    opt = torch.optim.Adam(vae.parameters(), lr=VAE_LR, betas=(0.9, 0.99))
+    warmup = max(1, steps // 12)
+    decay = torch.optim.lr_scheduler.SequentialLR(opt, [
+        torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.01, total_iters=warmup),
+        torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps - warmup), eta_min=1e-4)], milestones=[warmup])
+    return opt, decay
 
 
 def train_vae(folder: Path, images: list[Path], steps: int, seed: int) -> float:
@@ -166,17 +183,11 @@ def train_vae(folder: Path, images: list[Path], steps: int, seed: int) -> float:
                                  temperal_downsample=[False, True, True])
     _identity_residuals(vae)
     data = _pixels(images)
-    opt = torch.optim.Adam(vae.parameters(), lr=VAE_LR, betas=(0.9, 0.99))
-    # Warm-up and clipping: without them Adam's first full-size steps can knock this tiny VAE into a
-    # plateau that loses the colours, and the demo's DiT cannot draw what the VAE cannot represent.
-    warmup = max(1, steps // 12)
-    decay = torch.optim.lr_scheduler.SequentialLR(opt, [
-        torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.01, total_iters=warmup),
-        torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps - warmup), eta_min=1e-4)], milestones=[warmup])
+    opt, decay = vae_optimizer(vae, steps)
     gen = torch.Generator().manual_seed(seed)
     with single_frame_convs(vae):
         for _ in tqdm(range(steps), desc="training the demo VAE", unit="step"):
-            x = _crops(data[torch.randint(0, len(data), (VAE_BATCH,), generator=gen)], VAE_CROP, gen)
+            x = random_crops(data[torch.randint(0, len(data), (VAE_BATCH,), generator=gen)], VAE_CROP, gen)
             loss = F.mse_loss(_decode_unclamped(vae, vae.encode(x).latent_dist.mode()), x)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)

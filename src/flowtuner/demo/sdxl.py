@@ -11,13 +11,13 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
 from flowtuner.demo.dataset import classify, write_dataset
+from flowtuner.demo.models import VAE_BATCH, VAE_CROP, pixel_batch, random_crops, vae_optimizer
 
 # The UNet keeps SDXL's structure (a plain first stage, two cross-attention stages, the text_time embedding of
 # size, crop and pooled text) at widths a CPU trains in a minute: 8x8 latents of the 64 px images.
@@ -39,7 +39,6 @@ CLIP_VOCAB = 49408  # the real vocabulary size and special ids, so every CLIP co
 VAE = dict(block_out_channels=[32, 32, 32, 32], layers_per_block=1, latent_channels=4, norm_num_groups=32,
            down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4, sample_size=64)
 SDXL_SCALE = 0.13025  # every SDXL loader's latent scale (configs.SCALING_FACTOR); the demo VAE is fitted to it
-VAE_BATCH, VAE_CROP, VAE_LR = 16, 32, 3e-3
 
 
 # ---------------------------------------------------------------- tokenizer
@@ -114,19 +113,6 @@ def unet(seed: int):
                                 projection_class_embeddings_input_dim=6 * UNET["addition_time_embed_dim"] + CLIP_G_PROJECTION)
 
 
-def _pixels(paths: list[Path]) -> torch.Tensor:
-    arrays = [np.asarray(Image.open(p).convert("RGB"), dtype=np.float32) / 127.5 - 1 for p in paths]
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
-
-
-def _crops(x: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
-    """One random size x size crop per image, on the VAE's 8-pixel grid."""
-    if size >= x.shape[-1]:
-        return x
-    offsets = (torch.randint(0, (x.shape[-1] - size) // 8 + 1, (len(x), 2), generator=gen) * 8).tolist()
-    return torch.stack([img[:, y : y + size, x0 : x0 + size] for img, (y, x0) in zip(x, offsets)])
-
-
 def _identity_resnets(vae) -> None:
     """Residual and attention blocks start as the identity (last layer zeroed), as in the Qwen demo's VAE: the
     image reaches the latent from the first step instead of after a plateau of chance length."""
@@ -167,15 +153,11 @@ def train_vae(images: list[Path], steps: int, seed: int):
     torch.manual_seed(seed)
     vae = AutoencoderKL(**VAE, scaling_factor=SDXL_SCALE, force_upcast=True)
     _identity_resnets(vae)
-    data = _pixels(images)
-    opt = torch.optim.Adam(vae.parameters(), lr=VAE_LR, betas=(0.9, 0.99))
-    warmup = max(1, steps // 12)
-    decay = torch.optim.lr_scheduler.SequentialLR(opt, [
-        torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.01, total_iters=warmup),
-        torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps - warmup), eta_min=1e-4)], milestones=[warmup])
+    data = pixel_batch(images)
+    opt, decay = vae_optimizer(vae, steps)
     gen = torch.Generator().manual_seed(seed)
     for _ in tqdm(range(steps), desc="training the demo VAE", unit="step"):
-        x = _crops(data[torch.randint(0, len(data), (VAE_BATCH,), generator=gen)], VAE_CROP, gen)
+        x = random_crops(data[torch.randint(0, len(data), (VAE_BATCH,), generator=gen)], VAE_CROP, gen)
         # decoded without a clamp: its zero gradient outside [-1, 1] would stall training
         loss = F.mse_loss(vae.decode(vae.encode(x).latent_dist.mode()).sample, x)
         loss.backward()
