@@ -108,6 +108,20 @@ def test_caching_refuses_several_processes(tmp_path, monkeypatch, capsys):
     assert "cache-latents runs in one process (started as one of 2)" in err and "\n" not in err
 
 
+def test_a_command_closes_the_process_group_it_ran_in(tmp_path):
+    """Left open, gloo's worker threads can abort the interpreter's shutdown after a successful run (SIGABRT,
+    "terminate called without an active exception"): the command closes the group before it returns."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert main(["sigmas", "--steps", "2", "--model_version", "original"]) == 0
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 # ---------------------------------------------------------------- real processes
 @pytest.fixture(scope="module")
 def cached(tmp_path_factory, tiny_files):

@@ -39,3 +39,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"flowtuner {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        close_process_group()
+
+
+def close_process_group() -> None:
+    """End the process group a multi-process run opened (accelerate opens it, and never closes it). Left to
+    interpreter shutdown, gloo's worker threads can still hold tensors whose release needs the GIL while the
+    interpreter is being torn down: the process aborts ("terminate called without an active exception",
+    SIGABRT) after a run that succeeded, and torchrun reports the run failed (pytorch/pytorch#190489). Seen
+    once in CI on a two-process FSDP run."""
+    dist = sys.modules.get("torch.distributed")  # no torch import for commands that never loaded it
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
