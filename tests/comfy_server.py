@@ -6,6 +6,8 @@ The `comfy_server` fixture (session scope) starts the vendored ComfyUI (../share
 - the pack installed there by the CLI (`flowtuner comfyui install --comfyui_dir BASE --python <this Python>`);
 - no web frontend: `--front-end-root` points at a one-page folder, so the comfyui-frontend-package wheel is not
   needed (the API under test is the server's);
+- a test-only custom node (tests/comfy_depth_node.py, no nodes) that makes CLIPLoader build only the text-encoder
+  layers a file holds, for the real-width few-layer files of tests/test_comfyui_native.py;
 - launched through this file (`python tests/comfy_server.py COMFYUI_DIR [--fail-module NAME] -- ARGS`), which
   puts the torchvision / torchaudio stand-ins in place (tests/shared.py) and then runs ComfyUI's main.py.
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -74,6 +77,8 @@ class ComfyServer:
         for folder in (self.output_dir, self.input_dir, self.base / "custom_nodes", self.base / "frontend"):
             folder.mkdir(parents=True, exist_ok=True)
         (self.base / "frontend" / "index.html").write_text("<html><body>flowtuner test server (no frontend)</body></html>")
+        # test-only, registers no node: CLIPLoader builds only the layers a file holds (tests/comfy_depth_node.py)
+        shutil.copy(REPO / "tests" / "comfy_depth_node.py", self.base / "custom_nodes" / "flowtuner_test_depth.py")
         done = subprocess.run([sys.executable, "-m", "flowtuner", "comfyui", "install", "--comfyui_dir", str(self.base),
                                "--python", sys.executable], capture_output=True, text=True, env=self.env(), cwd=REPO)
         if done.returncode != 0:
