@@ -224,6 +224,7 @@ class ShardStore:
     def __init__(self, url: str, root: Path | None, limit: int):
         self.url, self.remote, self.root, self.limit = url, open_shards(url), root, limit
         self.local = None
+        self._fragments: tuple[int, list] = (0, [])  # (id of the dataset, its fragments)
         starts, self.files = [], []
         for frag in self.remote.get_fragments():
             meta = frag.metadata
@@ -304,14 +305,15 @@ class ShardStore:
         return paths
 
     def take(self, rows: list[int], columns: list[str]):
+        """The rows (ascending), from the local copies when there is a cache, else from the store."""
         if self.local is None:
-            return self.remote.take(rows, columns=columns)
+            return self._take(self.remote, rows, columns)
         for attempt in (0, 1):
             paths: list[Path] = []
             try:
                 for f in sorted(self.fragments_of(rows)):
                     self.ensure(f, paths)
-                return self.local.take(rows, columns=columns)
+                return self._take(self.local, rows, columns)
             except OSError as exc:
                 if attempt or "Not found" not in str(exc):
                     raise
@@ -320,6 +322,22 @@ class ShardStore:
                 _pin(paths, -1)
                 if _OVER:  # an eviction had to spare files pinned then: retry now that these are free
                     _evict(self.root, self.limit)
+
+    def _take(self, ds, rows: list[int], columns: list[str]):
+        """Each fragment's rows from the fragment (`LanceFragment.take` with offsets in it), concatenated: the
+        fragment and offset of a row are known here (`starts`), and the dataset-level `take`, which maps every
+        row to its fragment again, measured 2x slower for these large rows (docs/scale.md)."""
+        import pyarrow as pa
+
+        key = id(ds)
+        if self._fragments[0] != key:  # one list per opened dataset, in `starts`' order
+            self._fragments = (key, ds.get_fragments())
+        rows = np.asarray(rows, dtype=np.int64)
+        assert rows.size < 2 or (np.diff(rows) > 0).all(), "ascending distinct rows: the result keeps their order"
+        where = np.searchsorted(self.starts, rows, side="right") - 1
+        tables = [self._fragments[1][f].take((rows[where == f] - self.starts[f]).tolist(), columns=columns)
+                  for f in np.unique(where).tolist()]
+        return pa.concat_tables(tables) if len(tables) != 1 else tables[0]
 
     def index(self, columns: list[str]):
         """The index columns of every row. With a cache they are kept there per version (a small Arrow file beside
@@ -440,11 +458,23 @@ def fetch(url: str, rows: list[int]) -> list[tuple["BytesCheckpoint", "BytesChec
         table = store.take(unique, ["key", "latent", "text"])
     except (OSError, ValueError, RuntimeError) as exc:
         raise _unreachable(url, exc) from None
-    # views of Arrow's buffers, not Python bytes: the tensors are copied once, into the batch (BytesCheckpoint.read)
-    lats, txts = ([memoryview(v.as_buffer()) for v in table.column(c)] for c in ("latent", "text"))
+    lats, txts = (_binary_views(table.column(c)) for c in ("latent", "text"))
     got = {r: (BytesCheckpoint(f"{url}#{k} (latent)", lat), BytesCheckpoint(f"{url}#{k} (text)", txt))
            for r, k, lat, txt in zip(unique, table.column("key").to_pylist(), lats, txts)}
     return [got[r] for r in rows]
+
+
+def _binary_views(column) -> list[memoryview]:
+    """Each value of a large_binary column as a view of Arrow's data buffer, sliced at its offsets: no copy.
+    (Iterating the column's scalars and taking `as_buffer()` copied every value: measured 0.5 GB/s, half of a
+    warm epoch's time.) The tensors are then copied once, into the batch (BytesCheckpoint.read)."""
+    views = []
+    for chunk in column.chunks:
+        _, offsets, data = chunk.buffers()
+        ends = np.frombuffer(offsets, dtype=np.int64)[chunk.offset : chunk.offset + len(chunk) + 1]
+        whole = memoryview(data) if data is not None else memoryview(b"")
+        views += [whole[a:b] for a, b in zip(ends[:-1].tolist(), ends[1:].tolist())]
+    return views
 
 
 class Prefetching:
@@ -516,9 +546,17 @@ class BytesCheckpoint:
         return self.entries[key][0]
 
     def read(self, key: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """As Checkpoint.read: the tensor `key`, copied once from the row's bytes (into `out` when given)."""
         dtype, shape, begin, end = self.entries[key]
-        raw = bytearray(self.data[self.base + begin : self.base + end])
-        tensor = torch.frombuffer(raw, dtype=torch.uint8).view(dtype).reshape(shape) if raw else torch.empty(shape, dtype=dtype)
         if out is None:
-            return tensor
-        return out.copy_(tensor)
+            out = torch.empty(shape, dtype=dtype)
+        elif tuple(out.shape) != shape or out.dtype != dtype or not out.is_contiguous():
+            raise StreamError(f"{self.path}: {key} is {dtype} {list(shape)}, expected {out.dtype} {list(out.shape)}.")
+        if end > begin:
+            src = np.frombuffer(self.data[self.base + begin : self.base + end], dtype=np.uint8)
+            dst = out.reshape(-1).view(torch.uint8).numpy()
+            if src.size != dst.size:
+                raise StreamError(f"{self.path}: {key} holds {src.size} bytes, {dtype} {list(shape)} needs {dst.size}; "
+                                 "write the shards again with --to_shards.")
+            np.copyto(dst, src)
+        return out
