@@ -9,14 +9,16 @@ then times `make_loader` over both. moto's server answers a ranged GET by copyin
 (measured: a 1 MB range of a 64 MB object takes 61 ms, of a 4 MB object 8 ms), so --file_mb 4 shows what a
 store with range reads costing O(range), as S3 / R2 / MinIO, does. Needs pip install -e '.[test]' (pylance, moto[server]).
 
-    python bench/streaming_loader.py [--items 64] [--batch_size 2] [--workers 2] [--file_mb 64] [--direct]
+    python bench/streaming_loader.py [--items 64] [--batch_size 2] [--workers 2] [--file_mb 64] [--direct] [--repeats 5]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -64,6 +66,7 @@ def main() -> None:
     ap.add_argument("--file_mb", type=int, default=64, help="shard data file size (flowtuner writes 64)")
     ap.add_argument("--workers", type=int, default=2, help="reader threads (--max_data_loader_n_workers)")
     ap.add_argument("--direct", action="store_true", help="also time reads straight from the store (no local cache)")
+    ap.add_argument("--repeats", type=int, default=5, help="cold + warm epochs timed this many times (medians, bests)")
     args = ap.parse_args()
     import boto3
 
@@ -84,16 +87,26 @@ def main() -> None:
                 shard_cfg = Path(tmp) / "shards.toml"
                 shard_cfg.write_text(f'[general]\nresolution = 1024\nbatch_size = {args.batch_size}\n'
                                      f'shards_cache = "{cache}"\n[[datasets]]\nshards = "s3://bench/x"\n')
-                streaming._STORES.clear()  # a new process's view: the store opened again with this cache setting
-                shard_ds = load_dataset_config(shard_cfg)
-                t = time.perf_counter()
-                shard_items = scan_caches(shard_ds, family)
                 how = "direct from S3" if cache == "none" else "S3 via cache"
-                print(f"{how}: index scan {time.perf_counter() - t:.2f} s")
-                shards = (CacheDataset(shard_items, family), BatchPlan(shard_items, shard_ds, 0))
+                got = {0: [], 1: []}  # epoch -> [(local, shards)] per repeat
+                for _ in range(args.repeats):  # each repeat starts cold: an empty cache, a new process's view
+                    if cache != "none":
+                        shutil.rmtree(cache, ignore_errors=True)
+                    streaming._STORES.clear()
+                    shard_ds = load_dataset_config(shard_cfg)
+                    t = time.perf_counter()
+                    shard_items = scan_caches(shard_ds, family)
+                    scan_s = time.perf_counter() - t
+                    shards = (CacheDataset(shard_items, family), BatchPlan(shard_items, shard_ds, 0))
+                    for epoch in (0, 1):  # local first, then shards, in each: the same load drift for both
+                        got[epoch].append((rate(*local, epoch, args.workers), rate(*shards, epoch, args.workers)))
+                print(f"{how}: index scan {scan_s:.2f} s (last repeat); samples/s over {args.repeats} repeats, "
+                      "the ratio of the medians and, in brackets, of the best")
                 for epoch, name in ((0, "first epoch (cold)"), (1, "second epoch (warm)")):
-                    lr, sr = rate(*local, epoch, args.workers), rate(*shards, epoch, args.workers)
-                    print(f"  {name}: local caches {lr:7.1f} samples/s, {how} {sr:7.1f} samples/s  (x{sr / lr:.2f})")
+                    lr, sr = (statistics.median(x) for x in zip(*got[epoch]))
+                    lb, sb = (max(x) for x in zip(*got[epoch]))
+                    print(f"  {name}: local caches {lr:7.1f} (best {lb:7.1f}), {how} {sr:7.1f} (best {sb:7.1f})  "
+                          f"x{sr / lr:.2f} [x{sb / lb:.2f}]")
     finally:
         proc.terminate()
         proc.wait(10)

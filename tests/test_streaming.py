@@ -176,7 +176,7 @@ def test_lora_trained_from_s3_shards_equals_training_from_the_local_caches(tmp_p
     # reader threads over the store, through the local cache: the same batches in the same order
     cold = data_gets(s3_env, lambda: fresh(lambda: train(cfg, tiny_files, tmp_path / "s3", "--max_data_loader_n_workers", "2")))
     assert_same_lora(tmp_path / "local", tmp_path / "s3")
-    files = sorted((cache).glob("*/data/*.lance"))
+    files = sorted((cache).glob("*/data/*.rows"))
     assert len(files) == 1 and len(whole(cold)) == 1  # one data file (6 small rows), fetched whole with one GET
     # warm: a new run reads the local copy (and the index it kept) and GETs no data file
     warm = data_gets(s3_env, lambda: fresh(lambda: train(cfg, tiny_files, tmp_path / "warm", "--max_data_loader_n_workers", "0")))
@@ -192,20 +192,24 @@ def test_lora_trained_from_s3_shards_equals_training_from_the_local_caches(tmp_p
 def test_a_cache_limit_below_the_dataset_evicts_and_trains_the_same(tmp_path, cached, tiny_files, s3_env):
     from flowtuner.data import streaming
     from flowtuner.data.config import load_dataset_config
+    from flowtuner.data.loader import scan_caches
     from flowtuner.families import get_family
 
     url = f"s3://{BUCKET}/small-files"
     # one row per data file: 6 files, so the plan's batches need several and the limit holds two
     streaming.write_shards(load_dataset_config(cached), get_family("qwen_image"), url, file_bytes=1)
-    sizes = [size for files in fresh(lambda: streaming.shard_store(url, "none").files) for _, size in files]
-    assert len(sizes) == 6
+    assert len(fresh(lambda: streaming.shard_store(url, "none").files)) == 6
+    # the cache holds each data file's rows unpacked (RowsFile): its header, then key, latent and text bytes
+    rows = [8 + 8 + 8 * 4 + len(it.key.encode()) + it.latent.stat().st_size + it.text.stat().st_size
+            for it in scan_caches(load_dataset_config(cached), get_family("qwen_image"))]
+    assert 3 * min(rows) > 2 * max(rows)
     assert train(cached, tiny_files, tmp_path / "local", "--max_data_loader_n_workers", "0", "--max_train_steps", "3") == 0
-    cache, limit = tmp_path / "shards-cache", 2 * max(sizes)
+    cache, limit = tmp_path / "shards-cache", 2 * max(rows)
     cfg = shards_config(tmp_path / "s3.toml", url, f'shards_cache = "{cache}"\nshards_cache_limit = {limit}')
     got = data_gets(s3_env, lambda: fresh(lambda: train(cfg, tiny_files, tmp_path / "s3", "--max_data_loader_n_workers", "2",
                                                         "--max_train_steps", "3")))
     assert_same_lora(tmp_path / "local", tmp_path / "s3")
-    left = list(cache.glob("*/data/*.lance"))
+    left = list(cache.glob("*/data/*.rows"))
     assert sum(f.stat().st_size for f in left) <= limit and len(left) <= 2
     assert len(set(whole(got))) > 2  # it fetched more files than the limit holds: some were evicted
 

@@ -15,8 +15,9 @@ provenance), plus the provenance as JSON for queries. Rows are sorted by (datase
 micro-batch's rows lie together.
 
 Reading s3:// shards goes through a bounded local cache of whole data files (what mosaicml-streaming does
-with its shards): a data file is fetched with one GET on first use, kept under `shards_cache`, and `take`
-runs on the local copy; a thread fetches the files of the next PREFETCH_BATCHES batches of the plan ahead.
+with its shards): a data file is fetched with one GET on first use, unpacked once into its rows' bytes
+(RowsFile) under `shards_cache`, and read from there as local cache files are read; a thread fetches the files
+of the next PREFETCH_BATCHES batches of the plan ahead.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import struct
 import threading
@@ -210,20 +212,14 @@ def _s3_filesystem(url: str):
                            retry_strategy=fs.AwsStandardS3RetryStrategy(max_attempts=MAX_RETRIES + 1))
 
 
-def _manifest_names(version: int) -> tuple[str, ...]:
-    # Lance's two manifest naming schemes: V2 counts down from 2^64 - 1 so the newest lists first; V1 is the version
-    return (f"{(1 << 64) - 1 - version:020d}.manifest", f"{version}.manifest")
-
-
 class ShardStore:
     """Rows of one shards URL: read from the store directly (a local folder, or `shards_cache = "none"`), or
-    from whole local copies of its data files under `root`/<hash of URL and endpoint>/ (the Lance layout:
-    `_versions/` with the version's manifest, `data/` with the files fetched so far; data files are named
-    uniquely by Lance, so the versions of one URL share them)."""
+    from the local cache under `root`/<hash of URL and endpoint>/: `data/<data file>.rows`, each fetched data file
+    unpacked once into its rows' bytes (RowsFile), so that a warm read is a plain read of the row's bytes, as
+    from local cache files, and not a decode of Lance pages (measured 2x slower; docs/scale.md)."""
 
     def __init__(self, url: str, root: Path | None, limit: int):
         self.url, self.remote, self.root, self.limit = url, open_shards(url), root, limit
-        self.local = None
         self._fragments: tuple[int, list] = (0, [])  # (id of the dataset, its fragments)
         starts, self.files = [], []
         for frag in self.remote.get_fragments():
@@ -235,103 +231,104 @@ class ShardStore:
             self.files.append([(d.path, d.file_size_bytes) for d in meta.data_files()])
         self.starts = np.concatenate([[0], np.cumsum(starts)]).astype(np.int64)
         if root is not None:
+            if any(len(files) != 1 for files in self.files):  # --to_shards writes every column of a row to one file
+                raise StreamError(f"shards {url}: a fragment spans several data files, which --to_shards never writes; "
+                                  "write the shards again with --to_shards.")
             endpoint = storage_options(url).get("endpoint", "")
             self.dir = root / hashlib.sha256(f"{endpoint}|{url}".encode()).hexdigest()[:16]
             self.fs, self.prefix = _s3_filesystem(url), url.removeprefix("s3://").rstrip("/")
-            self._open_local()
+            (self.dir / "data").mkdir(parents=True, exist_ok=True)
 
-    def _open_local(self) -> None:
-        version = self.remote.version
-        (self.dir / "data").mkdir(parents=True, exist_ok=True)
-        names = _manifest_names(version)
-        if not any((self.dir / "_versions" / n).is_file() for n in names):
-            try:
-                infos = self.fs.get_file_info([f"{self.prefix}/_versions/{n}" for n in names])
-            except OSError as exc:
-                raise _unreachable(self.url, exc) from None
-            found = [n for n, info in zip(names, infos) if info.size is not None]
-            if not found:
-                raise StreamError(f"shards {self.url}: no manifest of version {version} in the store; it changed while "
-                                  "opening: start again.")
-            self._download(f"_versions/{found[0]}", self.dir / "_versions" / found[0], None)
-        self.local = _lance().dataset(str(self.dir), version=version)
+    @property
+    def cached(self) -> bool:
+        return self.root is not None
 
     def _download(self, key: str, dest: Path, size: int | None) -> None:
-        """One GET of the whole object into `dest`: a temp file renamed over it, so readers and other ranks of
-        this node see the whole file or none (the last rename wins; the files are equal)."""
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        """One GET of the whole object into `dest`."""
         try:
             with self.fs.open_input_file(f"{self.prefix}/{key}") as f:  # a HEAD, then one GET of it all
                 data = f.read()
-            if size and len(data) != size:
-                raise StreamError(f"shards {self.url}: {key} is {len(data)} bytes in the store, the manifest says {size}; "
-                                  "the shards changed while reading: start again.")
-            tmp.write_bytes(data)
-            os.replace(tmp, dest)
         except OSError as exc:
             raise _unreachable(self.url, exc) from None
-        finally:
-            tmp.unlink(missing_ok=True)
+        if size and len(data) != size:
+            raise StreamError(f"shards {self.url}: {key} is {len(data)} bytes in the store, the manifest says {size}; "
+                              "the shards changed while reading: start again.")
+        dest.write_bytes(data)
 
     def fragments_of(self, rows) -> set[int]:
         return set((np.searchsorted(self.starts, np.asarray(rows, dtype=np.int64), side="right") - 1).tolist())
 
-    def ensure(self, fragment: int, pinned: list[Path] | None = None) -> list[Path]:
-        """The local copies of a fragment's data files, fetched now if absent or not the size the manifest gives
-        (a partial or corrupted copy). With `pinned`, each is pinned (appended there) before it is looked at, so
-        no thread of this process evicts it between this check and the read."""
-        paths = []
-        for name, size in self.files[fragment]:
-            path = self.dir / "data" / name
-            with _LOCK:
-                lock = _FILE_LOCKS.setdefault(path, threading.Lock())
-            if pinned is not None:
-                _pin([path], 1)
-                pinned.append(path)
-            with lock:
-                try:
-                    have = path.stat().st_size
-                except FileNotFoundError:
-                    have = None
-                if have is not None and size and have != size:
-                    log.warning("shards cache: %s is %d bytes, the store's is %d; fetching it again", path, have, size)
-                if have is None or (size and have != size):
-                    self._download(f"data/{name}", path, size)
-                    _evict(self.root, self.limit)
-                else:
-                    os.utime(path)  # least recently used first out: the mtime is the last use
-            paths.append(path)
-        return paths
+    def ensure(self, fragment: int, pinned: list[Path] | None = None) -> Path:
+        """The local rows file of a fragment, fetched and unpacked now if absent or not whole (an interrupted or
+        truncated write). With `pinned`, it is pinned (appended there) before it is looked at, so no thread of
+        this process evicts it between this check and the read."""
+        [(name, size)] = self.files[fragment]
+        path = self.dir / "data" / f"{name}.rows"
+        with _LOCK:
+            lock = _FILE_LOCKS.setdefault(path, threading.Lock())
+        if pinned is not None:
+            _pin([path], 1)
+            pinned.append(path)
+        with lock:
+            state = RowsFile.check(path, int(self.starts[fragment + 1] - self.starts[fragment]))
+            if state == "bad":
+                log.warning("shards cache: %s is not whole; fetching it again", path)
+            if state != "ok":
+                self._fetch_rows(name, size, path)
+                _evict(self.root, self.limit)
+            else:
+                os.utime(path)  # least recently used first out: the mtime is the last use
+        return path
 
-    def take(self, rows: list[int], columns: list[str]):
-        """The rows (ascending), from the local copies when there is a cache, else from the store."""
-        if self.local is None:
-            return self._take(self.remote, rows, columns)
+    def _fetch_rows(self, name: str, size: int, dest: Path) -> None:
+        """Download the data file, unpack its rows into `dest` (a temp file renamed over it: readers and other ranks
+        of this node see the whole file or none; the last rename wins, the files are equal), drop the download."""
+        tag = f"{os.getpid()}.{threading.get_ident()}"
+        lance_tmp, rows_tmp = dest.with_name(f".{name}.{tag}.tmp"), dest.with_name(f".{dest.name}.{tag}.tmp")
+        try:
+            self._download(f"data/{name}", lance_tmp, size)
+            from lance.file import LanceFileReader
+
+            table = LanceFileReader(str(lance_tmp), columns=list(RowsFile.COLUMNS)).read_all().to_table()
+            RowsFile.write(rows_tmp, [_binary_views(table.column(c)) for c in RowsFile.COLUMNS])
+            os.replace(rows_tmp, dest)
+        except OSError as exc:
+            raise _unreachable(self.url, exc) from None
+        finally:
+            lance_tmp.unlink(missing_ok=True)
+            rows_tmp.unlink(missing_ok=True)
+
+    def read(self, rows: list[int]) -> list[tuple[str, bytearray, bytearray]]:
+        """(key, latent bytes, text bytes) of the rows (ascending), from the local rows files."""
+        out = []
         for attempt in (0, 1):
             paths: list[Path] = []
             try:
-                for f in sorted(self.fragments_of(rows)):
-                    self.ensure(f, paths)
-                return self._take(self.local, rows, columns)
-            except OSError as exc:
-                if attempt or "Not found" not in str(exc):
+                where = np.searchsorted(self.starts, np.asarray(rows, dtype=np.int64), side="right") - 1
+                for f in np.unique(where).tolist():
+                    path = self.ensure(f, paths)
+                    local = [r - int(self.starts[f]) for r, w in zip(rows, where.tolist()) if w == f]
+                    out += RowsFile.read(path, local)
+                return out
+            except FileNotFoundError:
+                if attempt:
                     raise
+                out = []
                 log.info("shards cache: a data file was evicted by another process while reading; fetching it again")
             finally:
                 _pin(paths, -1)
                 if _OVER:  # an eviction had to spare files pinned then: retry now that these are free
                     _evict(self.root, self.limit)
 
-    def _take(self, ds, rows: list[int], columns: list[str]):
-        """Each fragment's rows from the fragment (`LanceFragment.take` with offsets in it), concatenated: the
-        fragment and offset of a row are known here (`starts`), and the dataset-level `take`, which maps every
-        row to its fragment again, measured 2x slower for these large rows (docs/scale.md)."""
+    def take(self, rows: list[int], columns: list[str]):
+        """The rows (ascending) from the store. Each fragment's rows from the fragment (`LanceFragment.take` with
+        offsets in it), concatenated: the dataset-level `take`, which maps every row to its fragment again,
+        measured 2x slower for these large rows (docs/scale.md)."""
         import pyarrow as pa
 
-        key = id(ds)
-        if self._fragments[0] != key:  # one list per opened dataset, in `starts`' order
-            self._fragments = (key, ds.get_fragments())
+        ds = self.remote
+        if self._fragments[0] != id(ds):
+            self._fragments = (id(ds), ds.get_fragments())  # in `starts`' order
         rows = np.asarray(rows, dtype=np.int64)
         assert rows.size < 2 or (np.diff(rows) > 0).all(), "ascending distinct rows: the result keeps their order"
         where = np.searchsorted(self.starts, rows, side="right") - 1
@@ -342,35 +339,82 @@ class ShardStore:
     def index(self, columns: list[str]):
         """The index columns of every row. With a cache they are kept there per version (a small Arrow file beside
         the data files, never evicted), so a warm start reads nothing from the store; the first start reads them
-        from the local copy of a fragment where it is whole, else from the store (ranged reads of those columns
-        only, so a cold start does not download the dataset)."""
-        import pyarrow as pa
+        from the store (ranged reads of those columns only, so a cold start does not download the dataset)."""
         from pyarrow import feather
 
-        if self.local is None:
+        if not self.cached:
             return self.remote.to_table(columns=columns, with_row_id=False)
         kept = self.dir / f"index-v{self.remote.version}.arrow"
         if kept.is_file():
             table = feather.read_table(str(kept))
             if table.column_names == columns and table.num_rows == int(self.starts[-1]):
                 return table
-        parts = []
-        for frag, files in zip(self.remote.get_fragments(), self.files):
-            whole = all(_size(self.dir / "data" / n) == size for n, size in files)
-            source = self.local.get_fragment(frag.fragment_id) if whole else frag
-            parts.append(source.to_table(columns=columns))
-        table = pa.concat_tables(parts) if parts else self.remote.schema.empty_table().select(columns)
+        table = self.remote.to_table(columns=columns, with_row_id=False)
         tmp = kept.with_name(f".{kept.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         feather.write_feather(table, str(tmp), compression="uncompressed")
         os.replace(tmp, kept)
         return table
 
 
-def _size(path: Path) -> int | None:
-    try:
-        return path.stat().st_size
-    except FileNotFoundError:
-        return None
+class RowsFile:
+    """A data file's rows unpacked: MAGIC, the row count n (u64), 3n+1 offsets (i64: key, latent and text of each
+    row, in order, then the end), then those bytes. Whole when its size is the last offset and n is the count
+    the version's manifest gives the fragment."""
+
+    MAGIC = b"FTROWS01"
+    COLUMNS = ("key", "latent", "text")
+
+    @staticmethod
+    def write(path: Path, columns: list[list[memoryview]]) -> None:
+        values = [v for row in zip(*columns) for v in row]
+        n = len(values) // len(RowsFile.COLUMNS)
+        head = len(RowsFile.MAGIC) + 8 + 8 * (len(values) + 1)
+        offsets = np.concatenate([[0], np.cumsum([len(v) for v in values])]).astype(np.int64) + head
+        with open(path, "wb") as f:
+            f.write(RowsFile.MAGIC + struct.pack("<Q", n) + offsets.tobytes())
+            for v in values:
+                f.write(v)
+
+    @staticmethod
+    def _offsets(f, n: int | None = None) -> np.ndarray | None:
+        start = f.read(len(RowsFile.MAGIC) + 8)
+        if len(start) != len(RowsFile.MAGIC) + 8 or not start.startswith(RowsFile.MAGIC):
+            return None
+        (count,) = struct.unpack("<Q", start[len(RowsFile.MAGIC):])
+        if n is not None and count != n:
+            return None
+        raw = f.read(8 * (len(RowsFile.COLUMNS) * count + 1))
+        return np.frombuffer(raw, dtype=np.int64) if len(raw) == 8 * (len(RowsFile.COLUMNS) * count + 1) else None
+
+    @staticmethod
+    def check(path: Path, n: int) -> str:
+        """"missing", "bad" (not whole) or "ok"."""
+        try:
+            with open(path, "rb") as f:
+                offsets = RowsFile._offsets(f, n)
+                return "ok" if offsets is not None and os.fstat(f.fileno()).st_size == offsets[-1] else "bad"
+        except FileNotFoundError:
+            return "missing"
+
+    @staticmethod
+    def read(path: Path, rows: list[int]) -> list[tuple[str, bytearray, bytearray]]:
+        """(key, latent, text) of the rows (offsets within the file's fragment), each read straight into its buffer."""
+        out = []
+        with open(path, "rb") as f:
+            offsets = RowsFile._offsets(f)
+            if offsets is None:
+                raise StreamError(f"{path}: not a whole shards cache file; delete it and start again.")
+            k = len(RowsFile.COLUMNS)
+            for r in rows:
+                parts = []
+                for c in range(k):
+                    begin, end = int(offsets[k * r + c]), int(offsets[k * r + c + 1])
+                    buf = bytearray(end - begin)
+                    if os.preadv(f.fileno(), [buf], begin) != len(buf):
+                        raise StreamError(f"{path}: cut short; delete it and start again.")
+                    parts.append(buf)
+                out.append((parts[0].decode(), parts[1], parts[2]))
+        return out
 
 
 def _pin(paths: list[Path], delta: int) -> None:
@@ -387,7 +431,7 @@ def _evict(root: Path, limit: int) -> None:
     global _OVER
     with _EVICT_LOCK:
         files = []
-        for path in root.glob("*/data/*.lance"):
+        for path in root.glob("*/data/*.rows"):
             try:
                 st = path.stat()
             except FileNotFoundError:
@@ -452,26 +496,32 @@ def scan_shards(ds, family) -> list:
 
 
 def fetch(url: str, rows: list[int]) -> list[tuple["BytesCheckpoint", "BytesCheckpoint"]]:
-    """(latent, text) caches of the rows, in order, with one read of the store (or of the local copies)."""
+    """(latent, text) caches of the rows, in order: from the local rows files, or with one read of the store."""
     store, unique = shard_store(url), sorted(set(rows))  # an item repeated in a batch (num_repeats) is read once
-    try:
-        table = store.take(unique, ["key", "latent", "text"])
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise _unreachable(url, exc) from None
-    lats, txts = (_binary_views(table.column(c)) for c in ("latent", "text"))
+    if store.cached:
+        found = store.read(unique)
+    else:
+        try:
+            table = store.take(unique, list(RowsFile.COLUMNS))
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise _unreachable(url, exc) from None
+        found = zip(table.column("key").to_pylist(), *(_binary_views(table.column(c)) for c in ("latent", "text")))
     got = {r: (BytesCheckpoint(f"{url}#{k} (latent)", lat), BytesCheckpoint(f"{url}#{k} (text)", txt))
-           for r, k, lat, txt in zip(unique, table.column("key").to_pylist(), lats, txts)}
+           for r, (k, lat, txt) in zip(unique, found)}
     return [got[r] for r in rows]
 
 
 def _binary_views(column) -> list[memoryview]:
-    """Each value of a large_binary column as a view of Arrow's data buffer, sliced at its offsets: no copy.
+    """Each value of a binary or string column as a view of Arrow's data buffer, sliced at its offsets: no copy.
     (Iterating the column's scalars and taking `as_buffer()` copied every value: measured 0.5 GB/s, half of a
     warm epoch's time.) The tensors are then copied once, into the batch (BytesCheckpoint.read)."""
+    import pyarrow as pa
+
+    width = np.int64 if pa.types.is_large_binary(column.type) or pa.types.is_large_string(column.type) else np.int32
     views = []
     for chunk in column.chunks:
         _, offsets, data = chunk.buffers()
-        ends = np.frombuffer(offsets, dtype=np.int64)[chunk.offset : chunk.offset + len(chunk) + 1]
+        ends = np.frombuffer(offsets, dtype=width)[chunk.offset : chunk.offset + len(chunk) + 1]
         whole = memoryview(data) if data is not None else memoryview(b"")
         views += [whole[a:b] for a, b in zip(ends[:-1].tolist(), ends[1:].tolist())]
     return views
@@ -517,7 +567,7 @@ class Prefetching:
                     rows.setdefault(it.stream, []).append(it.row)
             for url, where in rows.items():
                 store = shard_store(url)
-                if store.local is None:
+                if not store.cached:
                     continue
                 try:
                     for f in sorted(store.fragments_of(where)):
@@ -546,17 +596,19 @@ class BytesCheckpoint:
         return self.entries[key][0]
 
     def read(self, key: str, out: torch.Tensor | None = None) -> torch.Tensor:
-        """As Checkpoint.read: the tensor `key`, copied once from the row's bytes (into `out` when given)."""
+        """As Checkpoint.read: the tensor `key`, copied once from the row's bytes into `out` when given; else a view
+        of them when they are this row's own buffer (a bytearray read from the shards cache), else a copy."""
         dtype, shape, begin, end = self.entries[key]
+        need = math.prod(shape) * dtype.itemsize
+        if end - begin != need or (self.base + begin) % dtype.itemsize:
+            raise StreamError(f"{self.path}: {key} holds {end - begin} bytes at offset {self.base + begin}, {dtype} "
+                              f"{list(shape)} needs {need}, aligned; write the shards again with --to_shards.")
+        if out is None and isinstance(self.data, bytearray) and need:
+            return torch.frombuffer(self.data, dtype=torch.uint8, count=need, offset=self.base + begin).view(dtype).reshape(shape)
         if out is None:
             out = torch.empty(shape, dtype=dtype)
         elif tuple(out.shape) != shape or out.dtype != dtype or not out.is_contiguous():
             raise StreamError(f"{self.path}: {key} is {dtype} {list(shape)}, expected {out.dtype} {list(out.shape)}.")
-        if end > begin:
-            src = np.frombuffer(self.data[self.base + begin : self.base + end], dtype=np.uint8)
-            dst = out.reshape(-1).view(torch.uint8).numpy()
-            if src.size != dst.size:
-                raise StreamError(f"{self.path}: {key} holds {src.size} bytes, {dtype} {list(shape)} needs {dst.size}; "
-                                 "write the shards again with --to_shards.")
-            np.copyto(dst, src)
+        if need:
+            np.copyto(out.reshape(-1).view(torch.uint8).numpy(), np.frombuffer(self.data[self.base + begin : self.base + end], dtype=np.uint8))
         return out
