@@ -244,7 +244,7 @@ class ShardStore:
         return self.root is not None
 
     def _download(self, key: str, dest: Path, size: int | None) -> None:
-        """One GET of the whole object into `dest`."""
+        """One GET of the whole object into `dest` (a temp name: the caller renames what it makes of it)."""
         try:
             with self.fs.open_input_file(f"{self.prefix}/{key}") as f:  # a HEAD, then one GET of it all
                 data = f.read()
@@ -283,17 +283,22 @@ class ShardStore:
     def _fetch_rows(self, name: str, size: int, dest: Path) -> None:
         """Download the data file, unpack its rows into `dest` (a temp file renamed over it: readers and other ranks
         of this node see the whole file or none; the last rename wins, the files are equal), drop the download."""
+        from lance.file import LanceFileReader
+
         tag = f"{os.getpid()}.{threading.get_ident()}"
         lance_tmp, rows_tmp = dest.with_name(f".{name}.{tag}.tmp"), dest.with_name(f".{dest.name}.{tag}.tmp")
         try:
             self._download(f"data/{name}", lance_tmp, size)
-            from lance.file import LanceFileReader
-
-            table = LanceFileReader(str(lance_tmp), columns=list(RowsFile.COLUMNS)).read_all().to_table()
+            try:
+                table = LanceFileReader(str(lance_tmp), columns=list(RowsFile.COLUMNS)).read_all().to_table()
+            except (OSError, ValueError, RuntimeError) as exc:
+                raise StreamError(f"shards {self.url}: data file {name} cannot be read ({' '.join(str(exc).split())[:200]}); "
+                                  "write the shards again with --to_shards.") from None
             RowsFile.write(rows_tmp, [_binary_views(table.column(c)) for c in RowsFile.COLUMNS])
             os.replace(rows_tmp, dest)
-        except OSError as exc:
-            raise _unreachable(self.url, exc) from None
+        except OSError as exc:  # the network's errors are StreamErrors by now: this is the local disk
+            raise StreamError(f"shards cache {self.dir}: {exc.strerror or exc}; free space there, or set shards_cache / "
+                              "shards_cache_limit in the dataset config.") from None
         finally:
             lance_tmp.unlink(missing_ok=True)
             rows_tmp.unlink(missing_ok=True)
@@ -600,10 +605,10 @@ class BytesCheckpoint:
         of them when they are this row's own buffer (a bytearray read from the shards cache), else a copy."""
         dtype, shape, begin, end = self.entries[key]
         need = math.prod(shape) * dtype.itemsize
-        if end - begin != need or (self.base + begin) % dtype.itemsize:
-            raise StreamError(f"{self.path}: {key} holds {end - begin} bytes at offset {self.base + begin}, {dtype} "
-                              f"{list(shape)} needs {need}, aligned; write the shards again with --to_shards.")
-        if out is None and isinstance(self.data, bytearray) and need:
+        if end - begin != need:
+            raise StreamError(f"{self.path}: {key} holds {end - begin} bytes, {dtype} {list(shape)} needs {need}; "
+                              "write the shards again with --to_shards.")
+        if out is None and isinstance(self.data, bytearray) and need and (self.base + begin) % dtype.itemsize == 0:
             return torch.frombuffer(self.data, dtype=torch.uint8, count=need, offset=self.base + begin).view(dtype).reshape(shape)
         if out is None:
             out = torch.empty(shape, dtype=dtype)
