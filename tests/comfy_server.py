@@ -13,7 +13,7 @@ The `comfy_server` fixture (session scope) starts the vendored ComfyUI (../share
 
 API: `.url`, `.base`, `.models` (models/ with diffusion_models/, text_encoders/, vae/, loras/, ...),
 `.output_dir`, `.input_dir`, `.log()` (the server's stdout+stderr so far), `.object_info()`,
-`.run(workflow, timeout=120)` -> the /history entry (raises `ComfyRunError` with ComfyUI's error text).
+`.run(workflow, timeout=120, client_id=...)` -> the /history entry (raises `ComfyRunError` with ComfyUI's error text).
 """
 
 from __future__ import annotations
@@ -156,10 +156,11 @@ class ComfyServer:
     def object_info(self, node: str | None = None) -> dict:
         return self.get("/object_info" + (f"/{node}" if node else ""))
 
-    def run(self, workflow: dict, timeout: float = 120) -> dict:
-        """Queue an API-format workflow, wait for it, return its /history entry (outputs, status)."""
+    def run(self, workflow: dict, timeout: float = 120, client_id: str = "flowtuner-tests") -> dict:
+        """Queue an API-format workflow, wait for it, return its /history entry (outputs, status). ComfyUI sends
+        a prompt's websocket messages (progress, ...) to the client that queued it: `client_id`."""
         prompt_id = str(uuid.uuid4())
-        self.post("/prompt", {"prompt": workflow, "client_id": "flowtuner-tests", "prompt_id": prompt_id})
+        self.post("/prompt", {"prompt": workflow, "client_id": client_id, "prompt_id": prompt_id})
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

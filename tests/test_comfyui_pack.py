@@ -328,7 +328,7 @@ def test_server_lists_every_node_with_its_inputs(comfy_server, comfy):
 NODES_OF_MINE = {"flowtunerDiTLoader", "flowtunerTextEncoderLoader", "flowtunerVAELoader", "flowtunerModelInfo",
                  "flowtunerLatentStats", "flowtunerConditioningStats", "flowtunerCompareLatents",
                  "flowtunerCompareConditionings", "flowtunerTextEncode", "flowtunerSampler", "flowtunerLoraLoader",
-                 "flowtunerQwenPAG"}
+                 "flowtunerQwenPAG", "flowtunerTrainLoRA"}
 
 
 @pytest.mark.slow

@@ -18,7 +18,7 @@ import logging
 log = logging.getLogger("flowtuner.comfyui")
 
 # node modules under flowtuner.comfyui, each with `NODES: dict[str, type]` and `DISPLAY: dict[str, str]`
-MODULES = ("loaders", "text", "sampler", "patches", "debug")
+MODULES = ("loaders", "text", "sampler", "patches", "debug", "train")
 
 NODE_CLASS_MAPPINGS: dict[str, type] = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}

@@ -134,6 +134,9 @@ class TrainConfig(ModelPrediction, ModelVersion, ModelFiles):
     log_with: str | None = opt(help="tensorboard (musubi-tuner's wandb and all are refused: not available)",
                                choices=("tensorboard", "wandb", "all"))
     logging_dir: str | None = opt(help="tracker folder (default: OUTPUT_DIR/logs)")
+    progress_file: str | None = opt(help="flowtuner only: write the progress as JSON lines to this file, one per optimizer "
+                                         "step (step, total, loss, avg_loss, lr), for a program watching the run such "
+                                         "as the ComfyUI training node (docs/training.md)")
     # the attention backend; musubi-tuner's --sdpa / --flash_attn / --xformers / --sage_attn set it too
     attn_mode: str = opt("torch", "attention backend (musubi-tuner requires one of its backend flags; flowtuner defaults to "
                                   "PyTorch SDPA)", choices=("torch", "sdpa", "flash", "sage", "xformers"))

@@ -34,6 +34,7 @@ from flowtuner.plan import startup_plan
 from flowtuner.train.offload import check_offload_flags, enable_checkpointing
 from flowtuner.train.objective import objective, per_sample_loss
 from flowtuner.train.optim import GlobalBatch, make_optimizer, make_schedule, parse_kv
+from flowtuner.train.progress import ProgressFile
 from flowtuner.train.state import capture_rng, load_state, restore_rng
 from flowtuner.weights import block_swap
 from flowtuner.weights.fp8 import fp8_base, fp8_scaled, fp8_text_encoder
@@ -291,6 +292,7 @@ class Trainer:
         smooth = deque(maxlen=50)
         clock = StepClock(device)
         bar = tqdm(total=total, initial=pos.step, desc="training", unit="step", disable=not accelerator.is_main_process)
+        progress = ProgressFile(cfg.progress_file, total, pos.step, accelerator.is_main_process)
         last_good = Position(pos.step, pos.epoch, pos.batch, pos.history, (gen.get_state(), capture_rng()))
         try:
             while pos.step < total:
@@ -330,6 +332,7 @@ class Trainer:
                     lr = schedule.get_last_lr()[0]
                     bar.set_postfix(loss=f"{sum(smooth) / len(smooth):.4f}", lr=f"{lr:.2e}")
                     bar.update()
+                    progress.step(pos.step, value, sum(smooth) / len(smooth), lr)
                     tracker.log(pos.step, {"loss": value, "lr": lr}, sigma)
                     clock.lap("other")
                     self._every_step(pos, saver, tracker, sample, module)
@@ -342,11 +345,13 @@ class Trainer:
                     self._every_epoch(pos, saver, sample, module)
         except KeyboardInterrupt:
             bar.close()
+            progress.close()
             folder = saver.save_state_now(last_good, tag="interrupted")
             if folder is not None:  # the main process writes
                 print(f"interrupted: state saved to {folder}; continue with --resume {folder}")
             raise
         bar.close()
+        progress.close()
         self.timings = clock.report()
         log.info("time per step: %s", ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in self.timings.items()))
         saver.save_final(pos)
