@@ -57,6 +57,14 @@ def test_sigmas_command_prints_json_and_plots(tmp_path, capsys):
     assert plot.exists()
 
 
+def test_sigmas_command_refuses_bad_sizes_in_one_line(capsys):
+    for argv, message in ((["--steps", "-3"], "--steps must be >= 1, got -3."),
+                          (["--image_size", "0", "8"], "--image_size 0 8: each side must be at least 16 pixels.")):
+        assert main(["sigmas", *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == f"flowtuner sigmas: error: {message}", err
+
+
 def test_sigmas_command_model_sampling_modes(capsys):
     """--model_sampling flux takes mu from the image size (ComfyUI's ModelSamplingFlux: 1.15 at 1024^2,
     0.63 at 512^2); --mu fixes it; the reference schedule takes --base_shift/--max_shift/--shift_terminal."""

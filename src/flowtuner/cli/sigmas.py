@@ -8,6 +8,7 @@ import json
 from flowtuner.config.fields import add_arguments
 from flowtuner.config.models import ModelVersion
 from flowtuner.config.sampling import ScheduleConfig
+from flowtuner.errors import ConfigError
 
 
 def register(sub) -> None:
@@ -32,6 +33,10 @@ def run(args) -> int:
 
     family = family_for(args)
     height, width = args.image_size
+    if args.steps < 1:
+        raise ConfigError(f"--steps must be >= 1, got {args.steps}.")
+    if min(height, width) < family.size_step:
+        raise ConfigError(f"--image_size {height} {width}: each side must be at least {family.size_step} pixels.")
     tokens = (height // family.size_step) * (width // family.size_step)
     base = ScheduleConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ScheduleConfig) if f.name != "scheduler"})
     out, tables = {}, set()

@@ -1,8 +1,9 @@
 """The training node: an image folder with captions -> a LoRA in ComfyUI's loras folder.
 
-flowtuner's own commands do the work, each in a child process of ComfyUI's Python (`python -m flowtuner
-cache-latents`, `cache-text`, `train`): a separate process gives the text encoder's and the DiT's memory back to
-the system when it ends, and a crash or an out-of-memory kill there does not take ComfyUI down. What the node
+flowtuner's own commands do the work in two child processes of ComfyUI's Python (`cache-latents` then
+`cache-text` chained in one, `python -m flowtuner.cli.chain`; then `python -m flowtuner train`): a separate
+process gives the text encoder's and the DiT's memory back to the system when it ends, and a crash or an
+out-of-memory kill there does not take ComfyUI down. What the node
 adds is ComfyUI's side: the model files from its folders, a dataset config written for the folder, the device
 ComfyUI runs on, its progress bar (fed by `flowtuner train --progress_file`, train/progress.py), its Cancel
 button (the child is terminated, then killed after KILL_AFTER_S), one-line errors in its error box, and the
@@ -30,6 +31,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from flowtuner.cli.chain import MARKER
 from flowtuner.comfyui.loaders import (VERSION_CHOICES, DiTLoader, NodeError, TextEncoderLoader, _model_paths,
                                        choices, comfyui_install_dir, node_errors, resolve)
 from flowtuner.errors import ConfigError
@@ -180,6 +182,16 @@ def commands(job: Job) -> list[tuple[str, list[str]]]:
     ]
 
 
+def child_runs(job: Job) -> list[tuple[str, str, list[str]]]:
+    """(kind, name, argv) of the two children: both caching commands chained in one (one interpreter start and
+    import instead of two; the VAE is freed before the text encoder loads), then train in its own, which gets the
+    text encoder's memory back from the system."""
+    (lat, lat_flags), (txt, txt_flags), (train, train_flags) = commands(job)
+    chain = json.dumps([[lat, *lat_flags], [txt, *txt_flags]])
+    return [("caching", f"{lat} + {txt}", [sys.executable, "-m", "flowtuner.cli.chain", chain]),
+            ("training", train, [sys.executable, "-m", "flowtuner", train, *train_flags])]
+
+
 # what a failed child's output says, most specific first: (pattern finder, one line for ComfyUI's error box)
 def _error_line(command: str, lines: list[str]) -> str | None:
     found = [line.strip() for line in lines if line.startswith("flowtuner ") and ": error: " in line]
@@ -198,7 +210,12 @@ ERROR_FINDERS = (_error_line, _cache_failures)
 
 
 def child_error(command: str, returncode: int, output: str) -> str:
+    """The one line of a failed child. A chained child (flowtuner.cli.chain) announces each command; the failed
+    one is the last announced, and only its lines count."""
     lines = output.replace("\r", "\n").splitlines()
+    started = [i for i, line in enumerate(lines) if line.startswith(MARKER)]
+    if started:
+        command, lines = lines[started[-1]][len(MARKER):].strip(), lines[started[-1] + 1:]
     for finder in ERROR_FINDERS:
         line = finder(command, lines)
         if line:
@@ -447,7 +464,7 @@ def _report(job: Job, last: dict | None, seconds: dict, target: Path) -> str:
 
 class TrainLoRA:
     DESCRIPTION = ("Trains a Qwen-Image LoRA on a folder of images with same-name .txt captions, with flowtuner's "
-                   "cache-latents, cache-text and train run as child processes of ComfyUI's Python, and saves it in "
+                   "cache-latents, cache-text and train run in child processes of ComfyUI's Python, and saves it in "
                    "models/loras. Progress shows on the node; Cancel stops the run and writes no LoRA.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("STRING", "STRING")
@@ -523,13 +540,13 @@ class TrainLoRA:
         bar = comfy.utils.ProgressBar(job.steps)
         progress = ProgressReader(job.progress_file, bar)
         seconds = {"caching": 0.0, "training": 0.0}
-        for command, flags in commands(job):
+        for kind, command, argv in child_runs(job):
             start = time.monotonic()
             try:
-                run_child(command, flags, on_poll=progress if command == "train" else None)
+                run_child(command, [], on_poll=progress if kind == "training" else None, argv=argv)
             except Interrupted:
                 _raise_comfy_interrupt()
-            seconds["training" if command == "train" else "caching"] += time.monotonic() - start
+            seconds[kind] += time.monotonic() - start
         return progress.last, seconds
 
 
