@@ -71,26 +71,26 @@ def conds():
             ("n", (), ()): Conditioning(embeds[1:], extra={"pooled": pooled[1:]})}
 
 
-def comfy_cond(c: Conditioning) -> list:
-    size = {"width": W, "height": H, "target_width": W, "target_height": H}
-    return [[c.embeds, {"pooled_output": c.extra["pooled"], **size}]]
+def comfy_cond(c: Conditioning, size: tuple[int, int] = (H, W)) -> list:
+    h, w = size
+    return [[c.embeds, {"pooled_output": c.extra["pooled"], "width": w, "height": h, "target_width": w, "target_height": h}]]
 
 
-def run_comfy(patcher, conds, sampler="euler", scheduler="normal", cfg=3.0, steps=6, seed=5):
+def run_comfy(patcher, conds, sampler="euler", scheduler="normal", cfg=3.0, steps=6, seed=5, size=(H, W)):
     import comfy.sample
 
-    latent = torch.zeros(1, 4, H // 8, W // 8)
+    latent = torch.zeros(1, 4, size[0] // 8, size[1] // 8)
     noise = comfy.sample.prepare_noise(latent, seed)
-    out = comfy.sample.sample(patcher, noise, steps, cfg, sampler, scheduler, comfy_cond(conds[("p", (), ())]),
-                              comfy_cond(conds[("n", (), ())]), latent, seed=seed, disable_pbar=True)
+    out = comfy.sample.sample(patcher, noise, steps, cfg, sampler, scheduler, comfy_cond(conds[("p", (), ())], size),
+                              comfy_cond(conds[("n", (), ())], size), latent, seed=seed, disable_pbar=True)
     return patcher.model.latent_format.process_in(out)
 
 
-def run_ours(unet, conds, prediction="eps", sampler="euler", scheduler="normal", cfg=3.0, steps=6, seed=5, **job):
+def run_ours(unet, conds, prediction="eps", sampler="euler", scheduler="normal", cfg=3.0, steps=6, seed=5, size=(H, W), **job):
     fam = SDXLFamily()
     fam.prediction_type = prediction
     den = SDXLDenoiser(unet, parametrisation(prediction))
-    spec = Job(prompt="p", negative_prompt="n", height=H, width=W, steps=steps, guidance_scale=cfg, seed=seed,
+    spec = Job(prompt="p", negative_prompt="n", height=size[0], width=size[1], steps=steps, guidance_scale=cfg, seed=seed,
                sampler=sampler, scheduler=scheduler, cfg_mode="plain", **job)
     return sample_job(den, fam, spec, conds)[0][2][:, :, 0]
 

@@ -21,20 +21,11 @@ from flowtuner.families.sdxl.text_models import canonical_clip_state
 from flowtuner.train.lora import LoRANetwork, LoRAWeights, merge_into, select_modules
 from flowtuner.train.lora_formats import read_lora_file, write_lora_file
 from tests import sdxl_models as M
+from tests.test_sdxl_load import models, single  # noqa: F401  (fixtures)
 
 FAMILY = SDXLFamily()
 NAMES = FAMILY.lora_names()
 TE_PREFIX = {"clip_l": "text_encoder.", "clip_g": "text_encoder_2."}
-
-
-@pytest.fixture(scope="module")
-def models():
-    return M.tiny_sdxl()
-
-
-@pytest.fixture(scope="module")
-def single(models, tmp_path_factory):
-    return M.write_single_file(tmp_path_factory.mktemp("sdxl") / "sdxl.safetensors", *models)
 
 
 def unet_lora(unet, seed=0) -> LoRANetwork:

@@ -11,51 +11,25 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from flowtuner.errors import ConfigError
-from flowtuner.families.base import Conditioning
 from flowtuner.families.sdxl.denoiser import SDXLDenoiser, parametrisation
 from flowtuner.families.sdxl.family import SDXLFamily
 from flowtuner.guidance.methods import attention_mask, gaussian_blur, parse_guidance
 from flowtuner.sampling import Job, sample_job
 from tests import sdxl_models as M
-from tests.test_sdxl_guidance import assert_close, comfy_patcher, comfy_sd, unet  # noqa: F401  (fixtures)
+from tests import test_sdxl_guidance as harness
+from tests.test_sdxl_guidance import assert_close, comfy_patcher, comfy_sd, conds, unet  # noqa: F401  (fixtures)
 
 H, W = 128, 192
 
 
-@pytest.fixture(scope="module")
-def conds():
-    g = torch.Generator().manual_seed(3)
-    embeds = torch.randn(2, 77, M.CLIP_L_HIDDEN + M.CLIP_G_HIDDEN, generator=g)
-    pooled = torch.randn(2, M.CLIP_G_PROJECTION, generator=g)
-    return {("p", (), ()): Conditioning(embeds[:1], extra={"pooled": pooled[:1]}),
-            ("n", (), ()): Conditioning(embeds[1:], extra={"pooled": pooled[1:]})}
-
-
-def comfy_cond(c: Conditioning) -> list:
-    size = {"width": W, "height": H, "target_width": W, "target_height": H}
-    return [[c.embeds, {"pooled_output": c.extra["pooled"], **size}]]
-
-
 def run_comfy(patcher, conds, sampler, cfg, steps, seed=5):
-    import comfy.sample
-
-    latent = torch.zeros(1, 4, H // 8, W // 8)
-    noise = comfy.sample.prepare_noise(latent, seed)
-    out = comfy.sample.sample(patcher, noise, steps, cfg, sampler, "normal", comfy_cond(conds[("p", (), ())]),
-                              comfy_cond(conds[("n", (), ())]), latent, seed=seed, disable_pbar=True)
-    return patcher.model.latent_format.process_in(out)
+    return harness.run_comfy(patcher, conds, sampler, "normal", cfg, steps, seed, size=(H, W))
 
 
 def run_ours(unet, conds, sampler, cfg, steps, seed=5, **job):
-    fam = SDXLFamily()
-    fam.prediction_type = "eps"
-    den = SDXLDenoiser(unet, parametrisation("eps"))
-    spec = Job(prompt="p", negative_prompt="n", height=H, width=W, steps=steps, guidance_scale=cfg, seed=seed,
-               sampler=sampler, scheduler="normal", cfg_mode="plain", **job)
-    return sample_job(den, fam, spec, conds)[0][2][:, :, 0]
+    return harness.run_ours(unet, conds, "eps", sampler, "normal", cfg, steps, seed, size=(H, W), **job)
 
 
 # ------------------------------------------------------------------------------------------------ the node

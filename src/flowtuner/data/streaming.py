@@ -220,7 +220,7 @@ class ShardStore:
 
     def __init__(self, url: str, root: Path | None, limit: int):
         self.url, self.remote, self.root, self.limit = url, open_shards(url), root, limit
-        self._fragments: tuple[int, list] = (0, [])  # (id of the dataset, its fragments)
+        self._fragments: list | None = None  # the store's fragments, in `starts`' order (listed on first take)
         starts, self.files = [], []
         for frag in self.remote.get_fragments():
             meta = frag.metadata
@@ -331,13 +331,12 @@ class ShardStore:
         measured 2x slower for these large rows (docs/scale.md)."""
         import pyarrow as pa
 
-        ds = self.remote
-        if self._fragments[0] != id(ds):
-            self._fragments = (id(ds), ds.get_fragments())  # in `starts`' order
+        if self._fragments is None:
+            self._fragments = self.remote.get_fragments()
         rows = np.asarray(rows, dtype=np.int64)
         assert rows.size < 2 or (np.diff(rows) > 0).all(), "ascending distinct rows: the result keeps their order"
         where = np.searchsorted(self.starts, rows, side="right") - 1
-        tables = [self._fragments[1][f].take((rows[where == f] - self.starts[f]).tolist(), columns=columns)
+        tables = [self._fragments[f].take((rows[where == f] - self.starts[f]).tolist(), columns=columns)
                   for f in np.unique(where).tolist()]
         return pa.concat_tables(tables) if len(tables) != 1 else tables[0]
 
